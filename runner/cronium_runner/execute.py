@@ -1,0 +1,274 @@
+"""Runs the script: spawn under limits, one poll loop over its pipes, timeout/cancel, kill the whole tree."""
+import errno
+import os
+import resource
+import select
+import signal
+import subprocess
+import time
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+READ_SIZE = 64 * 1024
+
+_RLIMITS = (
+    ("cpu_seconds", "RLIMIT_CPU"),
+    ("address_space_bytes", "RLIMIT_AS"),
+    ("open_files", "RLIMIT_NOFILE"),
+    ("file_size_bytes", "RLIMIT_FSIZE"),
+    ("processes", "RLIMIT_NPROC"),
+)
+
+
+def _libc():
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True)
+    except Exception:
+        return None
+
+
+def become_subreaper(libc):
+    """Orphans of the script re-parent to us, so we can find and kill them (Linux >= 3.4)."""
+    try:
+        return libc is not None and libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
+def _proc_table():
+    table = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        try:
+            table[int(name)] = (int(fields[1]), int(fields[3]), fields[0])
+        except (IndexError, ValueError):
+            continue
+    return table
+
+
+def tree(sid):
+    """Live pids of the script's tree: our descendants plus anything in the script's session."""
+    me = os.getpid()
+    table = _proc_table()
+    if table is None:
+        return set()
+    kids = {}
+    for pid, (ppid, _sess, _st) in table.items():
+        kids.setdefault(ppid, []).append(pid)
+    out = set()
+    stack = [me]
+    while stack:
+        for c in kids.get(stack.pop(), ()):
+            if c not in out:
+                out.add(c)
+                stack.append(c)
+    if sid:
+        out.update(pid for pid, (_p, sess, _s) in table.items() if sess == sid)
+    out.discard(me)
+    return set(p for p in out if p in table and table[p][2] != b"Z")
+
+
+def signal_tree(sid, sig):
+    pids = tree(sid)
+    if sid:
+        try:
+            os.killpg(sid, sig)
+        except OSError:
+            pass
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    return pids
+
+
+class Script:
+    """One run of the script. ``sink(kind, ts, data)`` gets output; ``kind`` is b"O" or b"E"."""
+
+    def __init__(self, argv, env, cwd, sink, timeout=None, grace=5.0, limits=None,
+                 watch_fd=None, umask=0o022, wake_fd=None, libc=None):
+        self.argv, self.env, self.cwd, self.sink = argv, env, cwd, sink
+        self.timeout = timeout
+        self.grace = max(float(grace), 0.0)
+        self.limits = self._limits(limits or {})
+        self.watch_fd, self.wake_fd = watch_fd, wake_fd
+        self.umask = umask
+        self.libc = libc
+        self.cancel_reason = None      # set by signal handlers / stdin EOF / broken output
+        self.timed_out = False
+        self.cancelled = False         # the kill was started by a cancel while the script was alive
+        self.status = None             # raw wait status of the main process
+        self.rusage = None
+        self.pid = None
+
+    @staticmethod
+    def _limits(limits):
+        out = []
+        for key, name in _RLIMITS:
+            val = limits.get(key)
+            if val is None or not hasattr(resource, name):
+                continue
+            res = getattr(resource, name)
+            val = int(val)
+            _soft, hard = resource.getrlimit(res)
+            top = val + 1 if key == "cpu_seconds" else val
+            if hard != resource.RLIM_INFINITY:
+                val, top = min(val, hard), min(top, hard)
+            out.append((res, val, top))
+        return out
+
+    def _preexec(self):
+        os.umask(self.umask)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        for res, soft, hard in self.limits:
+            resource.setrlimit(res, (soft, hard))
+        if self.libc is not None:
+            self.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def spawn(self):
+        self.proc = subprocess.Popen(
+            self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=self._preexec, close_fds=True)
+        self.pid = self.proc.pid
+        self.started = time.monotonic()
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            if pid == self.pid:
+                self.status, self.rusage = status, ru
+                self.proc.returncode = -1
+
+    def run(self):
+        """The loop; returns when the main process ended and its pipes are closed (tree killed)."""
+        fds = {self.proc.stdout.fileno(): b"O", self.proc.stderr.fileno(): b"E"}
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        if self.watch_fd is not None:
+            poller.register(self.watch_fd, select.POLLIN)
+        if self.wake_fd is not None:
+            poller.register(self.wake_fd, select.POLLIN)
+        deadline = self.started + self.timeout if self.timeout else None
+        kill_at = None          # when SIGTERM was sent: SIGKILL deadline
+        hard_done = None        # when SIGKILL was sent
+        while True:
+            self._reap()
+            now = time.monotonic()
+            if kill_at is None:
+                grace = None
+                if self.cancel_reason:
+                    grace = min(self.grace, 1.0)
+                    self.cancelled = self.status is None
+                elif deadline is not None and now >= deadline and self.status is None:
+                    self.timed_out = True
+                    grace = self.grace
+                elif self.status is not None and fds:
+                    grace = min(self.grace, 2.0)   # main exited, leftovers hold the pipes
+                if grace is not None:
+                    signal_tree(self.pid, signal.SIGTERM)
+                    kill_at = now + grace
+            if kill_at is not None and hard_done is None and now >= kill_at:
+                self.kill_all()
+                hard_done = now
+            if self.status is not None and not fds:
+                break
+            if hard_done is not None and now > hard_done + 2.0:
+                break    # something outside our reach holds the pipes: give up on them
+            wait = 1.0
+            for t in (deadline if kill_at is None and self.status is None else None, kill_at if hard_done is None else None):
+                if t is not None:
+                    wait = min(wait, max(t - now, 0.0))
+            if hard_done is not None:
+                wait = min(wait, 0.05)
+            try:
+                events = poller.poll(int(wait * 1000) + 1)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                if fd in fds:
+                    try:
+                        data = os.read(fd, READ_SIZE)
+                    except OSError as e:
+                        if e.errno in (errno.EAGAIN, errno.EINTR):
+                            continue
+                        data = b""
+                    if data:
+                        self.sink(fds[fd], time.time(), data)
+                    else:
+                        poller.unregister(fd)
+                        del fds[fd]
+                elif fd == self.watch_fd:
+                    try:
+                        data = os.read(fd, READ_SIZE)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        poller.unregister(fd)
+                        self.watch_fd = None
+                        self.cancel_reason = self.cancel_reason or "controller closed stdin"
+                elif fd == self.wake_fd:
+                    try:
+                        os.read(fd, 4096)
+                    except OSError:
+                        pass
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        self.stop()
+        self.ended = time.monotonic()
+
+    def kill_all(self):
+        """SIGKILL the tree until nothing of it is left (catches forks racing the kill)."""
+        for _ in range(200):
+            pids = signal_tree(self.pid, signal.SIGKILL)
+            self._reap()
+            if not pids:
+                return
+            time.sleep(0.005)
+
+    def stop(self):
+        """Leftovers after the loop: SIGTERM, a short grace, SIGKILL; then reap everything."""
+        if tree(self.pid):
+            signal_tree(self.pid, signal.SIGTERM)
+            end = time.monotonic() + min(self.grace, 2.0)
+            while time.monotonic() < end and tree(self.pid):
+                self._reap()
+                time.sleep(0.01)
+            self.kill_all()
+        while self.status is None:
+            try:
+                pid, status, ru = os.wait4(self.pid, 0)
+                self.status, self.rusage = status, ru
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
+        self._reap()
+        self.proc.returncode = -1
+
+    def usage(self):
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {"max_rss_kb": int(ru.ru_maxrss), "cpu_user_s": round(ru.ru_utime, 3),
+                "cpu_sys_s": round(ru.ru_stime, 3)}

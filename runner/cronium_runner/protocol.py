@@ -1,0 +1,103 @@
+"""Framing of PROTOCOL.md: the stdin preamble/header/payload and the stdout records."""
+import hashlib
+import json
+import os
+import struct
+
+from . import PROTOCOL, RunnerError
+
+MAGIC_IN = b"CRONIUM-RUNNER-INPUT"
+MAX_HEADER = 16 << 20
+MAX_PAYLOAD = 256 << 20
+CHUNK = 64 * 1024
+
+
+def _read_exact(fd, n, what):
+    parts = []
+    while n > 0:
+        data = os.read(fd, min(n, 1 << 20))
+        if not data:
+            raise RunnerError("cancelled", "stdin closed while reading the %s" % what)
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+def read_input(fd):
+    """Read preamble, header and payload from ``fd``; return ``(header, payload_bytes)``.
+
+    The payload's sha256 is checked against the header before anyone opens it.
+    """
+    line = b""
+    while not line.endswith(b"\n"):
+        c = os.read(fd, 1)
+        if not c:
+            raise RunnerError("protocol" if line else "cancelled", "stdin closed before the input preamble")
+        line += c
+        if len(line) > 200:
+            raise RunnerError("protocol", "input preamble too long (not a cronium controller?)")
+    parts = line.decode("ascii", "replace").split()
+    if len(parts) != 3 or parts[0].encode() != MAGIC_IN or not parts[2].isdigit():
+        raise RunnerError("protocol", "bad input preamble %r" % line[:60])
+    if parts[1] != str(PROTOCOL):
+        raise RunnerError("protocol", "protocol mismatch: controller speaks %s, runner speaks %d"
+                          % (parts[1], PROTOCOL))
+    size = int(parts[2])
+    if size > MAX_HEADER:
+        raise RunnerError("protocol", "header too large (%d bytes)" % size)
+    try:
+        header = json.loads(_read_exact(fd, size, "header").decode("utf-8"))
+    except ValueError as e:
+        raise RunnerError("protocol", "header is not JSON: %s" % e)
+    if not isinstance(header, dict):
+        raise RunnerError("protocol", "header is not a JSON object")
+    if header.get("protocol") != PROTOCOL:
+        raise RunnerError("protocol", "protocol mismatch: header says %r, runner speaks %d"
+                          % (header.get("protocol"), PROTOCOL))
+    psize = header.get("payload_size")
+    want = header.get("payload_sha256")
+    if not isinstance(psize, int) or psize < 0 or psize > MAX_PAYLOAD:
+        raise RunnerError("protocol", "bad payload_size %r" % (psize,))
+    if not isinstance(want, str):
+        raise RunnerError("protocol", "payload_sha256 missing from header")
+    payload = _read_exact(fd, psize, "payload")
+    got = hashlib.sha256(payload).hexdigest()
+    if got != want.lower():
+        raise RunnerError("digest", "payload sha256 mismatch: expected %s, got %s" % (want, got))
+    return header, payload
+
+
+def record(kind, body):
+    return kind + struct.pack(">I", len(body)) + body
+
+
+def json_record(kind, obj):
+    return record(kind, json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+def stream_records(kind, ts, data):
+    """Split script output into O/E records of at most CHUNK bytes (timestamp included)."""
+    stamp = struct.pack(">d", ts)
+    step = CHUNK - 8
+    return b"".join(record(kind, stamp + data[i:i + step]) for i in range(0, len(data), step))
+
+
+class FrameWriter:
+    """Writes records to an fd; remembers a broken pipe instead of raising twice."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.broken = False
+
+    def write(self, data):
+        if self.broken:
+            return False
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError:
+            self.broken = True
+            return False
+        return True

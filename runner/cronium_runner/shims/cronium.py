@@ -1,0 +1,245 @@
+"""Cronium runtime helpers (installed by cronium-runner into the run's private .cronium/ directory).
+
+Python: ``import cronium`` (also a builtin): input(), output(data), getVariable(key) / get_variable,
+setVariable(key, value) / set_variable, setCondition(bool) / set_condition, event().
+Command line (the ``cronium.*`` commands on PATH): ``cronium.py COMMAND [--json] [ARGS]``.
+Bundled mode keeps state in JSON files beside this directory; API mode calls the runtime API.
+"""
+import fcntl
+import json
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+STATE_DIR = os.environ.get("CRONIUM_HELPER_DIR") or os.path.dirname(_HERE)
+_MISSING = object()
+
+
+def _path(name):
+    return os.path.join(STATE_DIR, name)
+
+
+def _load(name, default=None):
+    try:
+        with open(_path(name), "r", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def _store(name, value):
+    tmp = _path(".%s.%d.tmp" % (name, os.getpid()))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(value, f, ensure_ascii=False)
+    os.replace(tmp, _path(name))
+
+
+class _Lock(object):
+    def __enter__(self):
+        self.fd = os.open(_path("lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _api_mode():
+    return os.environ.get("CRONIUM_HELPER_MODE") == "api" and bool(_endpoint())
+
+
+def _endpoint():
+    return (os.environ.get("CRONIUM_RUNTIME_API") or os.environ.get("CRONIUM_API_ENDPOINT") or "").rstrip("/")
+
+
+def _api(method, path, body=_MISSING, allow_404=False):
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    token = os.environ.get("CRONIUM_EXECUTION_TOKEN") or os.environ.get("CRONIUM_API_TOKEN") or ""
+    exe = os.environ.get("CRONIUM_EXECUTION_ID") or ""
+    url = "%s/executions/%s/%s" % (_endpoint(), urllib.parse.quote(exe, safe=""), path)
+    data = None if body is _MISSING else json.dumps(body).encode("utf-8")
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Authorization", "Bearer " + token)
+    req.add_header("Accept", "application/json")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=float(os.environ.get("CRONIUM_API_TIMEOUT", "30"))) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        if allow_404 and e.code == 404:
+            return None
+        detail = e.read()[:300].decode("utf-8", "replace")
+        raise RuntimeError("cronium API %s %s failed: HTTP %d %s" % (method, path, e.code, detail))
+    except (OSError, ValueError) as e:
+        raise RuntimeError("cronium API %s %s failed: %s" % (method, path, e))
+    try:
+        return json.loads(raw.decode("utf-8")) if raw else None
+    except ValueError:
+        raise RuntimeError("cronium API %s %s: response is not JSON" % (method, path))
+
+
+def _data(resp):
+    return resp.get("data") if isinstance(resp, dict) else None
+
+
+def input():  # noqa: A001  (Cronium's name)
+    """The job's input data, or None."""
+    if _api_mode():
+        return _data(_api("GET", "input"))
+    return (_load("input.json") or {}).get("data")
+
+
+def output(data=None):
+    """Set this run's output (any JSON value)."""
+    json.dumps(data)
+    if _api_mode():
+        _api("POST", "output", {"data": data})
+    with _Lock():
+        _store("output.json", {"data": data})
+
+
+def getVariable(key):
+    """The user's variable ``key``, or None when unknown."""
+    key = str(key)
+    if _api_mode():
+        d = _data(_api("GET", "variables/" + _quote(key), allow_404=True))
+        return d.get("value") if isinstance(d, dict) else None
+    return (_load("variables.json") or {}).get(key)
+
+
+def setVariable(key, value):
+    """Create or update the user's variable ``key`` (any JSON value)."""
+    key = str(key)
+    json.dumps(value)
+    if _api_mode():
+        _api("PUT", "variables/" + _quote(key), {"value": value})
+    with _Lock():
+        variables = _load("variables.json") or {}
+        variables[key] = value
+        _store("variables.json", variables)
+
+
+def setCondition(condition):
+    """Mark this run's condition (for workflows)."""
+    condition = _bool(condition)
+    if _api_mode():
+        _api("POST", "condition", {"condition": condition})
+    with _Lock():
+        _store("condition.json", {"condition": condition})
+
+
+def event():
+    """The run's context: eventId, eventName, executionId, jobId, serverId, serverName, trigger, ..."""
+    if _api_mode():
+        d = _data(_api("GET", "context"))
+        if isinstance(d, dict):
+            return d
+    return _load("context.json") or {}
+
+
+def _quote(key):
+    import urllib.parse
+    return urllib.parse.quote(key, safe="")
+
+
+def _bool(v):
+    if isinstance(v, str):
+        low = v.strip().lower()
+        if low in ("true", "1", "yes", "on", "y"):
+            return True
+        if low in ("false", "0", "no", "off", "n", ""):
+            return False
+        raise ValueError("not a boolean: %r" % v)
+    return bool(v)
+
+
+get_input = input
+set_output = output
+get_variable = getVariable
+set_variable = setVariable
+set_condition = setCondition
+context = get_context = get_event = event
+
+
+def _parse(text, strict):
+    if strict:
+        return json.loads(text) if text.strip() else None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _print(value, as_json):
+    if not as_json and isinstance(value, str):
+        out = value + "\n"
+    elif not as_json and value is None:
+        out = ""
+    else:
+        out = json.dumps(value, ensure_ascii=False) + "\n"
+    sys.stdout.buffer.write(out.encode("utf-8"))
+    sys.stdout.flush()
+
+
+def _stdin_text():
+    data = sys.stdin.buffer.read() if sys.stdin is not None else b""
+    text = data.decode("utf-8")
+    return text[:-1] if text.endswith("\n") else text
+
+
+_USAGE = """usage: cronium.<command> [--json] [args]
+  cronium.input                      print the input (strings raw, others as JSON)
+  cronium.output [JSON]              set the output (argument, or JSON on stdin)
+  cronium.getVariable KEY            print a variable (nothing when unknown)
+  cronium.setVariable KEY [VALUE]    set a variable (argument or stdin; JSON, else a string)
+  cronium.setCondition true|false    set the condition
+  cronium.event                      print the context as JSON
+  --json: strict JSON in and out (strings quoted, null printed as null)
+"""
+
+
+def main(argv):
+    strict = "--json" in argv
+    args = [a for a in argv if a != "--json"]
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(_USAGE)
+        return 0 if args else 2
+    cmd, rest = args[0].replace("_", "").lower(), args[1:]
+    try:
+        if cmd in ("input", "getinput"):
+            _print(input(), strict)
+        elif cmd in ("output", "setoutput"):
+            output(_parse(rest[0] if rest else _stdin_text(), strict))
+        elif cmd in ("getvariable", "get"):
+            if len(rest) != 1:
+                sys.stderr.write("usage: cronium.getVariable KEY\n")
+                return 2
+            _print(getVariable(rest[0]), strict)
+        elif cmd in ("setvariable", "set"):
+            if len(rest) not in (1, 2):
+                sys.stderr.write("usage: cronium.setVariable KEY [VALUE]  (value from stdin if omitted)\n")
+                return 2
+            setVariable(rest[0], _parse(rest[1] if len(rest) == 2 else _stdin_text(), strict))
+        elif cmd in ("setcondition", "condition"):
+            if len(rest) != 1:
+                sys.stderr.write("usage: cronium.setCondition true|false\n")
+                return 2
+            setCondition(rest[0])
+        elif cmd in ("event", "context", "getevent"):
+            _print(event(), True)
+        else:
+            sys.stderr.write("cronium: unknown command %r\n%s" % (args[0], _USAGE))
+            return 2
+    except (ValueError, RuntimeError, OSError) as e:
+        sys.stderr.write("cronium.%s: %s\n" % (args[0], e))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
