@@ -1,0 +1,182 @@
+"""Reading Cronium's data: one event with its servers, env vars and the user's variables."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..errors import EventNotFound, EventNotRunnable, NoServers
+from .crypto import decrypt, load_key
+from .models import EnvVar, Event, EventServer, Server, UserVariable
+
+SCRIPT_TYPES = {"BASH": "bash", "PYTHON": "python", "NODEJS": "node", "NODE": "node"}
+REFUSED_TYPES = {"HTTP_REQUEST", "TOOL_ACTION"}
+TIMEOUT_UNITS = {"SECONDS": 1, "MINUTES": 60, "HOURS": 3600, "DAYS": 86400}
+
+
+@dataclass(frozen=True)
+class ResolvedServer:
+    """A server with its credentials decrypted (never log ``private_key`` or ``password``)."""
+
+    id: int
+    name: str
+    address: str
+    port: int
+    username: str
+    private_key: str | None = field(repr=False)
+    password: str | None = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SkippedServer:
+    id: int
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResolvedEvent:
+    id: int
+    user_id: str
+    name: str
+    type: str
+    content: str
+    timeout_seconds: float
+    payload_version: int
+    servers: list[ResolvedServer]
+    skipped: list[SkippedServer]
+    env: dict[str, str] = field(repr=False)
+
+    @property
+    def interpreter(self) -> str:
+        return SCRIPT_TYPES[self.type]
+
+
+def event_timeout_seconds(value: int | None, unit: str | None) -> float:
+    factor = TIMEOUT_UNITS.get((unit or "SECONDS").upper())
+    if factor is None:
+        raise EventNotRunnable(f"timeout unit {unit!r} is not one of {', '.join(TIMEOUT_UNITS)}")
+    return float((value if value is not None else 30) * factor)
+
+
+def check_script_event(event: Event) -> None:
+    """Refuse events that must never run on SSH targets, with a reason the user can act on."""
+    etype = (event.type or "").upper()
+    if etype in REFUSED_TYPES:
+        raise EventNotRunnable(
+            f"event {event.id} ({event.name!r}) is of type {etype}: only BASH, PYTHON and NODEJS "
+            "events run on SSH servers (HTTP requests and tool actions run in Cronium itself)"
+        )
+    if etype not in SCRIPT_TYPES:
+        raise EventNotRunnable(f"event {event.id} has unknown type {event.type!r}; expected BASH, PYTHON or NODEJS")
+
+
+def get_event(session: Session, event_id: int) -> Event:
+    event = session.get(Event, event_id)
+    if event is None:
+        raise EventNotFound(event_id)
+    return event
+
+
+def server_credentials(server: Server, key: bytes | None) -> ResolvedServer:
+    label = f"server {server.name!r} (id {server.id})"
+    return ResolvedServer(
+        id=server.id,
+        name=server.name,
+        address=server.address,
+        port=server.port or 22,
+        username=server.username or "root",
+        private_key=decrypt(server.ssh_key, key, what=f"ssh_key of {label}"),
+        password=decrypt(server.password, key, what=f"password of {label}"),
+    )
+
+
+def event_servers(session: Session, event: Event) -> tuple[list[Server], list[SkippedServer]]:
+    """The event's servers: its event_servers links, else events.server_id; archived ones skipped."""
+    linked = session.scalars(
+        select(Server)
+        .join(EventServer, EventServer.server_id == Server.id)
+        .where(EventServer.event_id == event.id)
+        .order_by(EventServer.id)
+    ).all()
+    candidates = list(linked)
+    if not candidates and event.server_id is not None:
+        legacy = session.get(Server, event.server_id)
+        if legacy is not None:
+            candidates = [legacy]
+    usable: list[Server] = []
+    skipped: list[SkippedServer] = []
+    seen: set[int] = set()
+    for server in candidates:
+        if server.id in seen:
+            continue
+        seen.add(server.id)
+        if server.is_archived:
+            skipped.append(SkippedServer(server.id, server.name, "server is archived"))
+        else:
+            usable.append(server)
+    return usable, skipped
+
+
+def event_env(session: Session, event_id: int, key: bytes | None) -> dict[str, str]:
+    rows = session.scalars(select(EnvVar).where(EnvVar.event_id == event_id).order_by(EnvVar.id)).all()
+    env: dict[str, str] = {}
+    for row in rows:
+        value = decrypt(row.value, key, what=f"env var {row.key!r} of event {event_id}")
+        env[row.key] = value or ""
+    return env
+
+
+def resolve_event(session: Session, event_id: int, *, require_servers: bool = True) -> ResolvedEvent:
+    """Resolve an event to everything a run needs: script, timeout, servers with credentials, env.
+
+    Raises EventNotFound, EventNotRunnable (HTTP_REQUEST / TOOL_ACTION / unknown type),
+    NoServers (nothing usable; the message lists the skipped ones and why) and CredentialError.
+    """
+    event = get_event(session, event_id)
+    check_script_event(event)
+    key = load_key()
+    servers, skipped = event_servers(session, event)
+    if require_servers and not servers:
+        why = "; ".join(f"{s.name} (id {s.id}): {s.reason}" for s in skipped)
+        raise NoServers(
+            f"event {event.id} ({event.name!r}) has no server to run on"
+            + (f" (skipped: {why})" if why else "")
+            + ": link servers with `cronium-fab load` or Cronium's event editor, or pass -H"
+        )
+    return ResolvedEvent(
+        id=event.id,
+        user_id=event.user_id,
+        name=event.name,
+        type=event.type.upper(),
+        content=event.content or "",
+        timeout_seconds=event_timeout_seconds(event.timeout_value, event.timeout_unit),
+        payload_version=event.payload_version or 1,
+        servers=[server_credentials(s, key) for s in servers],
+        skipped=skipped,
+        env=event_env(session, event.id, key),
+    )
+
+
+def decode_variable(text: str | None) -> Any:
+    """Stored variable text → JSON value: JSON documents decode, anything else stays a string."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def encode_variable(value: Any) -> str:
+    """JSON value → stored text: strings as they are (Cronium shows them), others JSON-encoded."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def user_variables(session: Session, user_id: str) -> dict[str, Any]:
+    rows = session.scalars(select(UserVariable).where(UserVariable.user_id == user_id)).all()
+    return {row.key: decode_variable(row.value) for row in rows}

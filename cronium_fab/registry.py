@@ -1,0 +1,162 @@
+"""Register servers, events, their links, env vars and variables from one YAML file, without SQL.
+
+For standalone users (no Cronium app). ``cronium-fab load inventory.yaml`` upserts by name, so
+the file can be edited and loaded again. Example::
+
+    user: local                      # optional, default "local"
+    servers:
+      - name: web1
+        address: 10.0.0.5
+        port: 22                     # default 22
+        username: deploy             # default root
+        ssh_key_file: ~/.ssh/id_ed25519   # or ssh_key: "<key text>", or password_env: WEB1_PASSWORD
+    events:
+      - name: disk-report
+        type: BASH                   # BASH | PYTHON | NODEJS
+        script: |
+          df -h /
+        timeout: 60                  # seconds, or {value: 5, unit: MINUTES}
+        servers: [web1]
+        env: {REPORT_TO: ops}        # or values from the environment: {TOKEN: {from_env: TOKEN}}
+    variables: {greeting: hello}
+
+Secrets are encrypted as Cronium does when ENCRYPTION_KEY is set; otherwise stored as plaintext in
+the embedded database (a 0600 file). Passwords and env values can be read from environment
+variables (``password_env``, ``from_env``) so the YAML file needs no secret at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import delete, select
+
+from .db.crypto import encrypt, load_key
+from .db.engine import Database
+from .db.models import EnvVar, Event, EventServer, Server, User, UserVariable, utcnow
+from .db.queries import REFUSED_TYPES, SCRIPT_TYPES, TIMEOUT_UNITS, encode_variable
+from .errors import ConfigError
+
+
+@dataclass
+class LoadReport:
+    servers: dict[str, int] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)
+    variables: list[str] = field(default_factory=list)
+
+
+def _require(mapping: dict[str, Any], key: str, where: str) -> Any:
+    if key not in mapping or mapping[key] in (None, ""):
+        raise ConfigError(f"{where}: '{key}' is required")
+    return mapping[key]
+
+
+def _secret(value: str | None, key: bytes | None) -> str | None:
+    if value is None:
+        return None
+    return encrypt(value, key) if key else value
+
+
+def _from_env(name: str, where: str) -> str:
+    value = os.environ.get(name)
+    if value is None:
+        raise ConfigError(f"{where}: environment variable {name} is not set")
+    return value
+
+
+def _timeout(spec: Any, where: str) -> tuple[int, str]:
+    if spec is None:
+        return 30, "SECONDS"
+    if isinstance(spec, int):
+        return spec, "SECONDS"
+    if isinstance(spec, dict):
+        value, unit = spec.get("value"), str(spec.get("unit", "SECONDS")).upper()
+        if isinstance(value, int) and unit in TIMEOUT_UNITS:
+            return value, unit
+    raise ConfigError(f"{where}: timeout must be seconds or {{value: N, unit: SECONDS|MINUTES|HOURS|DAYS}}")
+
+
+def load_inventory(db: Database, path: Path) -> LoadReport:
+    """Upsert everything in the YAML file in one transaction (all or nothing)."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping with servers/events/variables")
+    key = load_key()
+    report = LoadReport()
+    user_id = str(doc.get("user") or "local")
+    with db.session() as s:
+        if s.get(User, user_id) is None:
+            s.add(User(id=user_id, email=f"{user_id}@localhost", username=user_id))
+            s.flush()
+        for i, spec in enumerate(doc.get("servers") or []):
+            where = f"{path}: servers[{i}]"
+            name = str(_require(spec, "name", where))
+            ssh_key = spec.get("ssh_key")
+            if spec.get("ssh_key_file"):
+                try:
+                    ssh_key = Path(spec["ssh_key_file"]).expanduser().read_text()
+                except OSError as exc:
+                    raise ConfigError(f"{where}: cannot read ssh_key_file: {exc.strerror}") from None
+            password = _from_env(spec["password_env"], where) if spec.get("password_env") else spec.get("password")
+            server = s.scalars(select(Server).where(Server.user_id == user_id, Server.name == name)).first()
+            if server is None:
+                server = Server(user_id=user_id, name=name, created_at=utcnow())
+                s.add(server)
+            server.address = str(_require(spec, "address", where))
+            server.port = int(spec.get("port", 22))
+            server.username = str(spec.get("username", "root"))
+            server.ssh_key = _secret(ssh_key, key)
+            server.password = _secret(password, key)
+            server.is_archived = bool(spec.get("archived", False))
+            server.updated_at = utcnow()
+            s.flush()
+            report.servers[name] = server.id
+        for i, spec in enumerate(doc.get("events") or []):
+            where = f"{path}: events[{i}]"
+            name = str(_require(spec, "name", where))
+            etype = str(_require(spec, "type", where)).upper()
+            if etype not in SCRIPT_TYPES and etype not in REFUSED_TYPES:
+                raise ConfigError(f"{where}: type {etype!r} is not BASH, PYTHON or NODEJS")
+            event = s.scalars(select(Event).where(Event.user_id == user_id, Event.name == name)).first()
+            if event is None:
+                event = Event(user_id=user_id, name=name, created_at=utcnow(), payload_version=1)
+                s.add(event)
+            event.type = "NODEJS" if etype == "NODE" else etype
+            event.content = str(spec.get("script") or spec.get("content") or "")
+            event.description = spec.get("description")
+            event.status = "ACTIVE"
+            event.run_location = "REMOTE"
+            event.timeout_value, event.timeout_unit = _timeout(spec.get("timeout"), where)
+            event.updated_at = utcnow()
+            s.flush()
+            s.execute(delete(EventServer).where(EventServer.event_id == event.id))
+            for sname in spec.get("servers") or []:
+                sid = report.servers.get(sname) or s.scalars(
+                    select(Server.id).where(Server.user_id == user_id, Server.name == sname)
+                ).first()
+                if sid is None:
+                    raise ConfigError(f"{where}: server {sname!r} is not defined")
+                s.add(EventServer(event_id=event.id, server_id=sid))
+            s.execute(delete(EnvVar).where(EnvVar.event_id == event.id))
+            for k, v in (spec.get("env") or {}).items():
+                value = _from_env(v["from_env"], where) if isinstance(v, dict) else str(v)
+                s.add(EnvVar(event_id=event.id, key=str(k), value=_secret(value, key)))
+            report.events[name] = event.id
+        for k, v in (doc.get("variables") or {}).items():
+            row = s.scalars(select(UserVariable).where(UserVariable.user_id == user_id, UserVariable.key == k)).first()
+            if row is None:
+                s.add(UserVariable(user_id=user_id, key=str(k), value=encode_variable(v)))
+            else:
+                row.value = encode_variable(v)
+                row.updated_at = utcnow()
+            report.variables.append(str(k))
+    return report

@@ -1,0 +1,98 @@
+"""Where things live. Every path and default in one place, overridable by environment variables.
+
+Paths that belong to a checkout (keys, dist, payloads) are relative to the working directory,
+so `inv build sign` and `cronium-fab` agree when run from the project root; the Cronium backend
+sets the ``CRONIUM_FAB_*`` variables (or its cwd) when it calls us.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+HOST_KEY_POLICIES = ("strict", "accept-new")
+HELPER_MODES = ("auto", "api", "bundled")
+
+
+def default_data_dir() -> Path:
+    explicit = os.environ.get("CRONIUM_FAB_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cronium-fab"
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{default_data_dir() / 'cronium.db'}"
+
+
+def _env_path(name: str, default: str | Path) -> Path:
+    return Path(os.environ.get(name) or default).expanduser()
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = field(default_factory=default_database_url)
+    data_dir: Path = field(default_factory=default_data_dir)
+    signing_key: Path = Path("keys/cosign.key")
+    public_key: Path = Path("keys/cosign.pub")
+    runner_path: Path = Path("dist/cronium-runner.pyz")
+    runner_src: Path = Path("runner")
+    payload_dir: Path = Path("payloads")
+    host_key_policy: str = "strict"
+    helper_mode: str = "auto"
+    parallel: int = 32
+    connect_timeout: float = 10.0
+    setup_timeout: float = 60.0
+    keepalive: float = 5.0
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.data_dir / "known_hosts"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        s = cls(
+            database_url=os.environ.get("CRONIUM_DATABASE_URL") or default_database_url(),
+            data_dir=default_data_dir(),
+            signing_key=_env_path("CRONIUM_FAB_SIGNING_KEY", "keys/cosign.key"),
+            public_key=_env_path("CRONIUM_FAB_PUBLIC_KEY", "keys/cosign.pub"),
+            runner_path=_env_path("CRONIUM_FAB_RUNNER", "dist/cronium-runner.pyz"),
+            runner_src=_env_path("CRONIUM_FAB_RUNNER_SRC", "runner"),
+            payload_dir=_env_path("CRONIUM_FAB_PAYLOAD_DIR", "payloads"),
+            host_key_policy=os.environ.get("CRONIUM_FAB_HOST_KEY_POLICY") or "strict",
+            helper_mode=os.environ.get("CRONIUM_FAB_HELPER_MODE") or "auto",
+            parallel=int(os.environ.get("CRONIUM_FAB_PARALLEL") or 32),
+            connect_timeout=_env_float("CRONIUM_FAB_CONNECT_TIMEOUT", 10.0),
+            setup_timeout=_env_float("CRONIUM_FAB_SETUP_TIMEOUT", 60.0),
+        )
+        s.validate()
+        return s
+
+    def with_(self, **changes: object) -> Settings:
+        s = replace(self, **changes)  # type: ignore[arg-type]
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if self.host_key_policy not in HOST_KEY_POLICIES:
+            raise ConfigError(
+                f"host key policy {self.host_key_policy!r} is not one of {', '.join(HOST_KEY_POLICIES)}"
+            )
+        if self.helper_mode not in HELPER_MODES:
+            raise ConfigError(f"helper mode {self.helper_mode!r} is not one of {', '.join(HELPER_MODES)}")
+        if self.parallel < 1:
+            raise ConfigError("--parallel must be at least 1")
