@@ -1,0 +1,55 @@
+"""Typed failures of the SSH side. Each carries a machine ``kind`` tag and the host it is about."""
+
+from __future__ import annotations
+
+
+class RemoteError(Exception):
+    """Base of every failure of the SSH side: ``kind`` is a stable tag, ``str(e)`` says what to do."""
+
+    kind: str = "remote"
+
+    def __init__(self, kind: str, message: str, *, host: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.host = host
+
+
+class HostUnreachable(RemoteError):
+    """No SSH session could be set up: kind is ``connection-refused``, ``timeout``, ``dns``,
+    ``network`` or ``handshake`` (TCP worked but the SSH banner/key exchange did not)."""
+
+
+class AuthRefused(RemoteError):
+    """The server refused every credential we offered (kind ``auth-refused``)."""
+
+    def __init__(self, message: str, *, host: str | None = None) -> None:
+        super().__init__("auth-refused", message, host=host)
+
+
+class KeyInvalid(RemoteError):
+    """A private key text could not be loaded as any key type Paramiko supports (kind ``key-invalid``)."""
+
+    def __init__(self, message: str, *, host: str | None = None) -> None:
+        super().__init__("key-invalid", message, host=host)
+
+
+class HostKeyUnknown(RemoteError):
+    """Policy ``strict`` and no key known for the host (kind ``host-key-unknown``).
+
+    ``fingerprint`` is the key the server offered, so a caller can show it and record it.
+    """
+
+    def __init__(self, message: str, *, host: str, fingerprint: str, key_type: str) -> None:
+        super().__init__("host-key-unknown", message, host=host)
+        self.fingerprint = fingerprint
+        self.key_type = key_type
+
+
+class HostKeyChanged(RemoteError):
+    """The server's key differs from the recorded one (kind ``host-key-changed``). Never accepted."""
+
+    def __init__(self, message: str, *, host: str, expected_fingerprint: str, actual_fingerprint: str) -> None:
+        super().__init__("host-key-changed", message, host=host)
+        self.expected_fingerprint = expected_fingerprint
+        self.actual_fingerprint = actual_fingerprint
