@@ -1,0 +1,184 @@
+"""Timeout, cancel (stdin EOF, signals, broken stdout), no orphans, workdir cleanup, limits."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from crnr_testlib import alive, decode, encode_input, header, payload, run_serve, serve
+
+FORK_SETSID = r"""
+import os, signal, sys, time
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.fork() == 0:
+        print("gc", os.getpid(), flush=True)
+        while True:
+            time.sleep(1)
+    os._exit(0)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("main", os.getpid(), flush=True)
+time.sleep(1000)
+"""
+
+
+def _pids(out: bytes) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in re.findall(rb"(\w+) (\d+)", out)}
+
+
+def _wait_gone(pids, within: float = 1.0) -> list[int]:
+    end = time.monotonic() + within
+    while time.monotonic() < end and any(alive(p) for p in pids):
+        time.sleep(0.02)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.timeout(60)
+def test_timeout_kills_setsid_grandchild_ignoring_term(any_py, pyz, tmpdir_env):
+    env, tmp = tmpdir_env
+    t0 = time.monotonic()
+    s = run_serve(any_py, pyz, FORK_SETSID, "python", proc_env=env, timeout=1, kill_grace=1)
+    took = time.monotonic() - t0
+    pids = _pids(s.stdout)
+    assert set(pids) == {"gc", "main"}, s.stdout
+    r = s.result
+    assert r["status"] == "timeout" and r["timed_out"] is True
+    assert r["signal"] == signal.SIGKILL and r["exit_code"] is None
+    assert _wait_gone(pids.values(), 0.1) == [], "orphans survived the timeout"
+    assert took < 10
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_stdin_eof_stops_script_within_two_seconds(py, pyz, tmpdir_env):
+    env, tmp = tmpdir_env
+    marks = {}
+
+    def close_later(proc):
+        time.sleep(1.0)
+        marks["closed"] = time.monotonic()
+        proc.stdin.close()
+
+    p = payload(FORK_SETSID, "python")
+    s = serve(py, pyz, encode_input(header(p, timeout=60, kill_grace=30), p), env=env,
+              after_write=close_later)
+    assert time.monotonic() - marks["closed"] < 2.0
+    assert s.result["status"] == "cancelled" and s.result["error_kind"] == "cancelled"
+    assert "stdin" in s.result["error"]
+    assert _wait_gone(_pids(s.stdout).values(), 0.1) == []
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
+def test_signal_to_runner_cancels(py, pyz, tmpdir_env, sig):
+    env, tmp = tmpdir_env
+
+    def signal_later(proc):
+        time.sleep(1.0)
+        proc.send_signal(sig)
+
+    p = payload(FORK_SETSID, "python")
+    s = serve(py, pyz, encode_input(header(p, timeout=60, kill_grace=30), p), env=env, after_write=signal_later)
+    assert s.result["status"] == "cancelled" and sig.name in s.result["error"]
+    assert _wait_gone(_pids(s.stdout).values(), 0.1) == []
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_broken_stdout_kills_tree_and_cleans(py, pyz, tmpdir_env, tmp_path):
+    env, tmp = tmpdir_env
+    pidfile = tmp_path / "pids"
+    script = f"echo $$ > {pidfile}; sleep 1000 & echo $! >> {pidfile}; " \
+             "while true; do echo spam; done"
+    p = payload(script)
+    proc = subprocess.Popen([py, pyz, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    proc.stdin.write(encode_input(header(p, timeout=60), p))
+    proc.stdin.flush()
+    proc.stdout.read(4096)
+    proc.stdout.close()            # the controller stops reading: EPIPE on the next write
+    assert proc.wait(timeout=15) == 0
+    proc.stdin.close()
+    pids = [int(x) for x in pidfile.read_text().split()]
+    assert len(pids) == 2
+    assert _wait_gone(pids, 0.5) == []
+    assert list(tmp.iterdir()) == []
+
+
+def test_background_leftovers_killed_after_exit(py, pyz):
+    s = run_serve(py, pyz, "sleep 1000 & echo $!; setsid sleep 1001 </dev/null >/dev/null 2>&1 & exit 0")
+    assert s.result["status"] == "success"
+    assert _wait_gone([int(s.stdout)], 0.1) == []
+    out = subprocess.run(["pgrep", "-f", "sleep 1001"], capture_output=True).stdout
+    assert out == b""
+
+
+@pytest.mark.parametrize("script,status", [
+    ("echo ok", "success"), ("exit 3", "failure"), ("sleep 30", "timeout"),
+])
+def test_workdir_removed(py, pyz, tmpdir_env, script, status):
+    env, tmp = tmpdir_env
+    s = run_serve(py, pyz, f"echo $CRONIUM_WORK_DIR >&2; {script}", proc_env=env, timeout=1, kill_grace=0.5)
+    assert s.result["status"] == status
+    workdir = s.stderr_script.decode().strip()
+    assert workdir.startswith(str(tmp)) and not os.path.exists(workdir)
+    assert list(tmp.iterdir()) == []
+
+
+def test_keep_workdir(py, pyz, tmpdir_env):
+    env, tmp = tmpdir_env
+    s = run_serve(py, pyz, "echo hi > made.txt; stat -c %a .", proc_env=env, keep_workdir=True)
+    kept = s.result["workdir"]
+    assert s.stdout == b"700\n"
+    with open(os.path.join(kept, "made.txt")) as f:
+        assert f.read() == "hi\n"
+    assert os.path.isfile(os.path.join(kept, ".cronium", "context.json"))
+
+
+def test_limit_file_size(py, pyz):
+    s = run_serve(py, pyz, "head -c 100000 /dev/zero > big; echo rc=$?; stat -c %s big",
+                  limits={"file_size_bytes": 4096})
+    lines = s.stdout.decode().split()
+    assert lines[0] != "rc=0" and int(lines[1]) <= 4096
+
+
+def test_limit_open_files(py, pyz):
+    script = "fs = []\ntry:\n    for i in range(100):\n        fs.append(open(__file__))\nexcept OSError as e:\n" \
+             "    print('EMFILE', e.errno)\n"
+    s = run_serve(py, pyz, script, "python", limits={"open_files": 16})
+    assert s.stdout.decode().startswith("EMFILE 24")
+
+
+@pytest.mark.timeout(60)
+def test_limit_cpu_seconds(py, pyz):
+    s = run_serve(py, pyz, "while True:\n    pass\n", "python", limits={"cpu_seconds": 1}, timeout=20)
+    assert s.result["signal"] in (signal.SIGXCPU, signal.SIGKILL)
+    assert s.result["usage"]["cpu_user_s"] + s.result["usage"]["cpu_sys_s"] >= 0.8
+
+
+def test_limit_address_space(py, pyz):
+    script = "try:\n    x = bytearray(512 * 1024 * 1024)\n    print('allocated')\nexcept MemoryError:\n    print('MemoryError')\n"
+    s = run_serve(py, pyz, script, "python", limits={"address_space_bytes": 256 * 1024 * 1024})
+    assert s.stdout == b"MemoryError\n"
+
+
+def test_usage_reports_script_memory(py, pyz):
+    s = run_serve(py, pyz, "x = bytearray(80 * 1024 * 1024)\nx[::4096] = b'1' * len(x[::4096])\n", "python")
+    assert s.result["usage"]["max_rss_kb"] > 80 * 1024
+
+
+def test_hello_comes_before_input(py, pyz):
+    proc = subprocess.Popen([py, pyz, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    first = proc.stdout.read(5)
+    proc.stdin.close()   # controller gone before sending anything
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=10) == 0
+    hello, records, result = decode(first + rest)
+    assert first == b"CRNRH" and hello["pid"] == proc.pid
+    assert result["status"] == "cancelled"
