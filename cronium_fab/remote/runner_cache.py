@@ -1,0 +1,95 @@
+"""The runner cache on a target: the bootstrap command (PROTOCOL.md §1) and the install command.
+
+Layout on the target: ``${XDG_CACHE_HOME:-$HOME/.cache}/cronium/`` (0700) holds
+``runner-<sha256>.pyz`` (0600), one file per runner version, never modified in place: an install
+writes a temp file in the same directory, checks its digest with the host's python3, and renames
+it onto the final name, so a reader sees either no file or a complete one, whatever runs at once.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Runs under whatever python3 the host has, so it must parse on old versions (no f-strings) and
+# contain no single quote (it travels inside '...' in the shell command). argv: path, sha, args...
+BOOT = """\
+import sys
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+import os, stat, hashlib
+if sys.version_info < (3, 8):
+    sys.stdout.write("CRONIUM-PYTHON-TOO-OLD %d.%d.%d\\n" % tuple(sys.version_info[:3]))
+    sys.exit(0)
+p, want = sys.argv[1], sys.argv[2]
+def miss():
+    sys.stdout.write("CRONIUM-RUNNER-MISS\\n")
+    sys.stdout.flush()
+    os._exit(0)
+try:
+    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+except OSError:
+    miss()
+st = os.fstat(fd)
+if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+    miss()
+h = hashlib.sha256()
+while True:
+    b = os.read(fd, 1 << 20)
+    if not b:
+        break
+    h.update(b)
+os.close(fd)
+if h.hexdigest() != want:
+    miss()
+sys.argv = [p] + sys.argv[3:]
+import runpy
+runpy.run_path(p, run_name="__main__")
+"""
+
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+CACHE_DIR_SH = '"${XDG_CACHE_HOME:-$HOME/.cache}/cronium"'
+INSTALLED = "CRONIUM-INSTALLED"
+
+assert "'" not in BOOT
+
+
+def _check_sha(sha256: str) -> str:
+    if not _SHA_RE.match(sha256):
+        raise ValueError(f"not a lowercase sha256 hex digest: {sha256!r}")
+    return sha256
+
+
+def runner_file_name(sha256: str) -> str:
+    return f"runner-{_check_sha(sha256)}.pyz"
+
+
+def bootstrap_command(sha256: str, mode: str = "serve") -> str:
+    """The exact shell text of PROTOCOL.md §1 (``SHA`` is not secret; nothing secret is in it)."""
+    sha = _check_sha(sha256)
+    return (
+        f"d={CACHE_DIR_SH}; command -v python3 >/dev/null 2>&1 || {{ echo CRONIUM-NO-PYTHON; exit 127; }}; "
+        f"exec python3 -c '{BOOT}' \"$d/runner-{sha}.pyz\" {sha} {mode}"
+    )
+
+
+# Digest check on the host before the rename (the same python3 the bootstrap will use).
+_VERIFY = "import hashlib,sys;sys.exit(hashlib.sha256(open(sys.argv[1],\"rb\").read()).hexdigest()!=sys.argv[2])"
+
+
+def install_command(sha256: str) -> str:
+    """One exec: runner bytes on stdin → temp file in the 0700 cache dir → digest check → rename.
+
+    Prints ``CRONIUM-INSTALLED`` on success; on any failure the temp file is removed and the exit
+    status is non-zero (the message is on stderr).
+    """
+    sha = _check_sha(sha256)
+    return (
+        f"d={CACHE_DIR_SH}; umask 077; mkdir -p \"$d\" || exit 1; "
+        f"t=$(mktemp \"$d/.runner-{sha}.XXXXXX\") || exit 1; "
+        "trap 'rm -f \"$t\"' EXIT; trap 'exit 1' HUP INT TERM PIPE; "
+        "cat > \"$t\" || exit 1; "
+        f"python3 -c '{_VERIFY}' \"$t\" {sha} || {{ echo \"cronium: runner digest mismatch after upload\" >&2; exit 1; }}; "
+        "chmod 0600 \"$t\" || exit 1; "
+        f"mv -f \"$t\" \"$d/runner-{sha}.pyz\" || exit 1; "
+        f"echo {INSTALLED}"
+    )
