@@ -142,9 +142,104 @@ def events(c: Any) -> None:
             print(f"{ev.id:>5}  {ev.type:<12} {ev.name:<30} servers: {names}")
 
 
+@task(
+    name="run-event",
+    auto_shortflags=False,
+    help={
+        "id": "event id",
+        "json": "print one JSON document with the aggregate result on stdout",
+        "job": "an existing Cronium job id: its input feeds cronium.input() and its rows are updated",
+        "hosts": "comma-separated hosts instead of the event's servers (same as fab -H)",
+        "parallel": "how many hosts at once (default 32, env CRONIUM_FAB_PARALLEL)",
+        "helper_mode": "auto | api | bundled (default auto, env CRONIUM_FAB_HELPER_MODE)",
+        "host_key_policy": "strict (unknown hosts refused) | accept-new (first key recorded)",
+        "input": "JSON given to cronium.input() (hand runs)",
+        "timeout": "override the event's timeout, in seconds",
+        "keep_workdir": "keep the remote work directory (debugging)",
+        "quiet": "no live output, only the summary",
+    },
+)
+@user_errors
+def run_event(
+    c: Any,
+    id: int,  # noqa: A002 - the CLI flag is --id
+    json: bool = False,  # noqa: A002
+    job: str | None = None,
+    hosts: str | None = None,
+    parallel: int = 0,
+    helper_mode: str | None = None,
+    host_key_policy: str | None = None,
+    input: str | None = None,  # noqa: A002
+    timeout: float = 0.0,
+    keep_workdir: bool = False,
+    quiet: bool = False,
+) -> None:
+    """Run an event on all its servers in parallel; exit 0 only when every host succeeded."""
+    import json as jsonlib
+
+    from .execute import RunRequest
+    from .execute import run_event as execute_run_event
+
+    settings = _settings()
+    changes: dict[str, Any] = {}
+    if host_key_policy:
+        changes["host_key_policy"] = host_key_policy
+    if helper_mode:
+        changes["helper_mode"] = helper_mode
+    if parallel:
+        changes["parallel"] = int(parallel)
+    if changes:
+        settings = settings.with_(**changes)
+    try:
+        input_data = jsonlib.loads(input) if input is not None else None
+    except ValueError as exc:
+        raise Exit(f"cronium-fab: error: --input is not valid JSON: {exc}", code=EXIT_USAGE) from None
+    request = RunRequest(
+        event_id=int(id),
+        hosts=[h for h in hosts.split(",") if h.strip()] if hosts else None,
+        job_id=job,
+        input=input_data,
+        timeout=float(timeout) if timeout else None,
+        keep_workdir=keep_workdir,
+    )
+    result = execute_run_event(settings, request, out=None if quiet else sys.stderr)
+    if quiet:
+        from .execute import summary_table
+
+        print(summary_table(result), file=sys.stderr)
+    if json:
+        print(jsonlib.dumps(result.to_dict(), ensure_ascii=False, default=str))
+    if result.exit_code:
+        raise Exit(code=result.exit_code)
+
+
+run_event.all_hosts = True
+
+
+@task(name="known-hosts-add", help={"host": "[user@]host[:port] to fetch the key of", "yes": "record without asking"})
+@user_errors
+def known_hosts_add(c: Any, host: str, yes: bool = False) -> None:
+    """Show a server's host key fingerprint and record it in cronium-fab's known_hosts."""
+    from .remote.connection import fetch_host_key
+    from .remote.known_hosts import KnownHostsStore, fingerprint, host_entry_name
+
+    settings = _settings()
+    hostport = host.rpartition("@")[2]
+    name, _, port_s = hostport.partition(":")
+    port = int(port_s) if port_s.isdigit() else 22
+    key = fetch_host_key(name, port, timeout=settings.connect_timeout)
+    print(f"{hostport}: {key.get_name()} {fingerprint(key)}", file=sys.stderr)
+    if not yes:
+        answer = input("record this key? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            raise Exit("not recorded", code=1)
+    KnownHostsStore(settings.known_hosts).add(host_entry_name(name, port), key)
+    print(f"recorded in {settings.known_hosts}", file=sys.stderr)
+
+
 def build_namespace() -> Collection:
     ns = Collection()
-    for t in (db_init, load, payload_build, events):
+    for t in (db_init, load, payload_build, events, run_event, known_hosts_add):
         ns.add_task(t)
     return ns
 

@@ -1,0 +1,57 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   venv + keys + signed runner + 3 local sshd hosts + a real multi-server run with helpers
+#   make test   the whole test suite (real sshd hosts, SQLite and PostgreSQL)
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+SSHD ?= /usr/sbin/sshd
+
+.PHONY: demo demo-stop test lint bench venv sshd clean
+
+$(BIN)/cronium-fab: pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+venv: $(BIN)/cronium-fab
+
+# sshd is needed for the local test hosts; install it when we can (root + apt), else say how.
+sshd:
+	@if [ ! -x $(SSHD) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing openssh-server (needed for the local test hosts)..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; \
+	  else \
+	    echo "OpenSSH's sshd is not installed: run 'sudo apt-get install -y openssh-server' (Debian/Ubuntu)" \
+	         "or 'sudo dnf install -y openssh-server' (Fedora/RHEL), then run make again." >&2; exit 1; \
+	  fi; \
+	fi
+
+keys/cosign.key: | venv
+	$(BIN)/inv keygen
+
+dist/cronium-runner.pyz.sig: keys/cosign.key $(shell find runner -type f -not -path '*/__pycache__/*' 2>/dev/null) | venv
+	$(BIN)/inv build sign
+
+demo: venv sshd dist/cronium-runner.pyz.sig
+	$(BIN)/python -m cronium_fab.demo
+
+demo-stop: venv
+	$(BIN)/python -m cronium_fab.demo --stop
+
+test: venv sshd
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/vermin --no-tips -t=3.8- --violations runner/
+
+bench: venv sshd dist/cronium-runner.pyz.sig
+	$(BIN)/python bench/bench_runner.py
+	$(BIN)/python bench/bench_run_event.py
+
+clean:
+	rm -rf dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,277 @@
+"""Every row a run writes, in one place: jobs, executions, logs, user_variables, runner_deployments,
+events counters. Bundled mode (results at the end) and API mode (live helper calls) both write
+variables, output and condition through the functions here, so there is one implementation of each.
+
+Rows move forward only (queued → running → terminal); a run that fails half-way still leaves every
+row in a terminal state (see ``RunRecorder.abort``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .db.engine import Database
+from .db.models import Event, Execution, Job, Log, RunnerDeployment, UserVariable, utcnow
+from .db.queries import encode_variable
+from .errors import CroniumFabError
+
+# run status (logs.status) -> jobs.status, as Cronium does
+JOB_STATUS = {"SUCCESS": "completed", "PARTIAL": "completed", "FAILURE": "failed", "TIMEOUT": "failed", "CANCELLED": "cancelled"}
+LOG_STATUS = {"CANCELLED": "FAILURE"}  # logs.status has no CANCELLED in Cronium
+
+
+class JobNotFound(CroniumFabError):
+    pass
+
+
+def new_job_id() -> str:
+    return f"job_{int(time.time() * 1000)}_{secrets.token_hex(4)}"
+
+
+def execution_id_for(job_id: str, server_key: str | int, started: float) -> str:
+    return f"exec_{job_id}_{server_key}_{int(started)}"[:100]
+
+
+def ms_between(a: datetime | None, b: datetime | None) -> int | None:
+    if a is None or b is None:
+        return None
+    return max(0, int((b - a).total_seconds() * 1000))
+
+
+def set_variable(session: Session, user_id: str, key: str, value: Any) -> None:
+    """Upsert one of the user's variables (the only implementation; API and bundled mode use it)."""
+    text = encode_variable(value)
+    row = session.scalars(
+        select(UserVariable).where(UserVariable.user_id == user_id, UserVariable.key == key).with_for_update()
+    ).first()
+    if row is None:
+        try:
+            with session.begin_nested():
+                session.add(UserVariable(user_id=user_id, key=key, value=text))
+            return
+        except IntegrityError:  # another writer inserted it meanwhile: update theirs
+            row = session.scalars(
+                select(UserVariable).where(UserVariable.user_id == user_id, UserVariable.key == key)
+            ).one()
+    row.value = text
+    row.updated_at = utcnow()
+
+
+def get_variable(session: Session, user_id: str, key: str) -> str | None:
+    return session.scalars(
+        select(UserVariable.value).where(UserVariable.user_id == user_id, UserVariable.key == key)
+    ).first()
+
+
+def set_output(session: Session, execution_id: str, data: Any) -> None:
+    _merge_execution_metadata(session, execution_id, {"output": data, "output_set": True})
+
+
+def set_condition(session: Session, execution_id: str, condition: bool) -> None:
+    _merge_execution_metadata(session, execution_id, {"condition": bool(condition)})
+
+
+def _merge_execution_metadata(session: Session, execution_id: str, values: dict[str, Any]) -> None:
+    row = session.get(Execution, execution_id, with_for_update=True)
+    if row is None:
+        raise CroniumFabError(f"execution {execution_id} not found")
+    meta = dict(row.execution_metadata or {})
+    meta.update(values)
+    row.execution_metadata = meta
+    row.updated_at = utcnow()
+
+
+@dataclass
+class JobContext:
+    job_id: str
+    log_id: int
+    input: Any
+    created: bool
+
+
+class RunRecorder:
+    """Writes one run's rows. Thread-safe: hosts finish in worker threads."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._lock = threading.Lock()
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self, *, event_id: int, event_name: str, event_type: str, user_id: str,
+              job_id: str | None, input_data: Any, triggered_by: str = "cronium-fab") -> JobContext:
+        now = utcnow()
+        with self.db.session() as s:
+            if job_id is not None:
+                job = s.get(Job, job_id, with_for_update=True)
+                if job is None:
+                    raise JobNotFound(f"job {job_id!r} not found in the jobs table: check --job")
+                if job.event_id is not None and job.event_id != event_id:
+                    raise JobNotFound(f"job {job_id!r} belongs to event {job.event_id}, not {event_id}")
+                payload = job.payload or {}
+                if input_data is None:
+                    input_data = payload.get("input")
+                created = False
+            else:
+                job_id = new_job_id()
+                payload = {
+                    "input": input_data,
+                    "script": {"type": event_type, "content": None},
+                    "target": {},
+                }
+                job = Job(id=job_id, event_id=event_id, user_id=user_id, type="SCRIPT", status="queued",
+                          payload=payload, metadata_={"eventName": event_name, "triggeredBy": triggered_by},
+                          created_at=now)
+                s.add(job)
+                created = True
+            job.status = "running"
+            job.started_at = now
+            job.attempts = (job.attempts or 0) + 1
+            job.updated_at = now
+            s.flush()
+            log_id = payload.get("executionLogId") if isinstance(payload, dict) else None
+            log = s.get(Log, int(log_id)) if log_id not in (None, "") else None
+            if log is None:
+                log = Log(event_id=event_id, job_id=job_id, user_id=user_id, event_name=event_name,
+                          event_type=event_type, created_at=now)
+                s.add(log)
+            log.status = "RUNNING"
+            log.start_time = now
+            log.job_id = job_id
+            log.updated_at = now
+            s.flush()
+            if created:
+                meta = dict(job.metadata_ or {})
+                meta["logId"] = log.id
+                job.metadata_ = meta
+                job.payload = dict(payload, executionLogId=log.id)
+            return JobContext(job_id, log.id, input_data, created)
+
+    def add_execution(self, job_id: str, execution_id: str, server_id: int | None, server_name: str,
+                      metadata: dict[str, Any]) -> None:
+        with self.db.session() as s:
+            s.add(Execution(id=execution_id, job_id=job_id, server_id=server_id, server_name=server_name,
+                            status="queued", metadata_=metadata))
+
+    def host_running(self, execution_id: str) -> None:
+        now = utcnow()
+        with self._lock, self.db.session() as s:
+            row = s.get(Execution, execution_id)
+            if row is not None and row.status == "queued":
+                row.status = "running"
+                row.started_at = now
+                row.setup_started_at = now
+                row.updated_at = now
+
+    # -- per host --------------------------------------------------------------------------
+    def host_finished(self, execution_id: str, *, status: str, exit_code: int | None, output: str,
+                      error: str | None, phases: dict[str, datetime | None], metadata: dict[str, Any],
+                      user_id: str, variables: dict[str, Any], write_variables: bool) -> None:
+        """Terminal state of one host, and the variables it set (bundled mode: written now)."""
+        now = utcnow()
+        with self._lock, self.db.session() as s:
+            row = s.get(Execution, execution_id, with_for_update=True)
+            if row is None:
+                return
+            live = dict(row.execution_metadata or {})
+            row.status = status
+            row.exit_code = exit_code
+            row.output = output
+            row.error = error
+            row.completed_at = now
+            for name, value in phases.items():
+                setattr(row, name, value)
+            row.setup_duration = ms_between(row.setup_started_at, row.setup_completed_at)
+            row.execution_duration = ms_between(row.execution_started_at, row.execution_completed_at)
+            row.cleanup_duration = ms_between(row.cleanup_started_at, row.cleanup_completed_at)
+            row.total_duration = ms_between(row.started_at, now)
+            live.update(metadata)
+            row.execution_metadata = live
+            row.updated_at = now
+            if write_variables:
+                for key, value in variables.items():
+                    set_variable(s, user_id, key, value)
+
+    def deployment(self, server_id: int | None, *, runner_version: str, runner_path: str, checksum: str,
+                   installed: bool, ok: bool) -> None:
+        if server_id is None:
+            return
+        now = utcnow()
+        with self._lock, self.db.session() as s:
+            row = s.scalars(
+                select(RunnerDeployment).where(RunnerDeployment.server_id == server_id,
+                                               RunnerDeployment.checksum == checksum)
+            ).first()
+            if row is None:
+                row = RunnerDeployment(server_id=server_id, checksum=checksum, runner_version=runner_version,
+                                       runner_path=runner_path, deployed_at=now)
+                s.add(row)
+            elif installed:
+                row.deployed_at = now
+            row.runner_path = runner_path
+            row.last_used = now
+            row.status = "active" if ok else "failed"
+
+    # -- end -------------------------------------------------------------------------------
+    def finish(self, ctx: JobContext, *, event_id: int, status: str, output: str, duration_ms: int,
+               setup_ms: int | None, execution_ms: int | None, exit_code: int | None, error: str | None,
+               result: dict[str, Any]) -> None:
+        now = utcnow()
+        with self._lock, self.db.session() as s:
+            log = s.get(Log, ctx.log_id)
+            if log is not None:
+                log.status = LOG_STATUS.get(status, status)
+                log.output = output
+                log.end_time = now
+                log.duration = duration_ms
+                log.setup_duration = setup_ms
+                log.execution_duration = execution_ms
+                log.successful = status == "SUCCESS"
+                log.exit_code = exit_code
+                log.error = error
+                log.updated_at = now
+            job = s.get(Job, ctx.job_id)
+            if job is not None:
+                job.status = JOB_STATUS[status]
+                job.completed_at = now
+                job.result = result
+                job.last_error = error
+                job.updated_at = now
+            event = s.get(Event, event_id, with_for_update=True)
+            if event is not None:
+                event.last_run_at = now
+                event.execution_count = (event.execution_count or 0) + 1
+                if status == "SUCCESS":
+                    event.success_count = (event.success_count or 0) + 1
+                else:
+                    event.failure_count = (event.failure_count or 0) + 1
+
+    def abort(self, ctx: JobContext, execution_ids: list[str], reason: str) -> None:
+        """Bring every row still open to a terminal state (used on errors and interrupts)."""
+        now = utcnow()
+        with self._lock, self.db.session() as s:
+            for eid in execution_ids:
+                row = s.get(Execution, eid)
+                if row is not None and row.status in ("queued", "running"):
+                    row.status = "cancelled"
+                    row.error = reason
+                    row.completed_at = now
+            log = s.get(Log, ctx.log_id)
+            if log is not None and log.status in ("PENDING", "RUNNING"):
+                log.status = "FAILURE"
+                log.error = reason
+                log.end_time = now
+                log.successful = False
+            job = s.get(Job, ctx.job_id)
+            if job is not None and job.status in ("queued", "claimed", "running"):
+                job.status = "cancelled"
+                job.last_error = reason
+                job.completed_at = now
