@@ -172,6 +172,19 @@ def _free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
+_STD_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def _link_commands_without_python(bindir: Path) -> None:
+    for d in reversed(_STD_PATH.split(":")):
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            if name.startswith("python") or (bindir / name).exists():
+                continue
+            (bindir / name).symlink_to(os.path.join(d, name))
+
+
 def _current_user() -> str:
     import pwd
 
@@ -354,13 +367,12 @@ class DevHostPool:
         if python3 is not None:
             bindir = d / "bin"
             bindir.mkdir()
-            for tool in ("sh", "env", "cat", "mkdir", "mktemp", "chmod", "mv", "rm", "ls", "sleep", "true", "id"):
-                real = shutil.which(tool, path="/usr/bin:/bin")
-                if real:
-                    (bindir / tool).symlink_to(real)
-            if python3:
+            if python3:  # this interpreter first on the usual PATH
                 (bindir / "python3").symlink_to(python3)
-            path_env = path_env or str(bindir)
+                path_env = path_env or f"{bindir}:{_STD_PATH}"
+            else:  # the usual commands, minus every python
+                _link_commands_without_python(bindir)
+                path_env = path_env or str(bindir)
         host_private, host_public = generate_keypair("ed25519")
         _write_private(d / "ssh_host_ed25519_key", host_private)
         (d / "ssh_host_ed25519_key.pub").write_text(host_public + "\n")
