@@ -1,0 +1,70 @@
+"""Fixtures for end-to-end runs: a signed runner, trusted dev hosts registered as servers."""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from cronium_fab.build import build_runner
+from cronium_fab.db.engine import Database
+from cronium_fab.devhosts import DevHost
+from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
+from cronium_fab.settings import Settings
+from cronium_fab.signing import load_private_key, sign_file
+from tests.factories import add_event, add_server
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def signed_runner(tmp_path_factory: pytest.TempPathFactory, signing_keys: tuple[Path, Path]) -> Path:
+    art = build_runner(ROOT / "runner", tmp_path_factory.mktemp("dist"))
+    sign_file(art.path, load_private_key(signing_keys[0]))
+    return art.path
+
+
+def trust(settings: Settings, host: DevHost) -> None:
+    kind, b64 = host.host_public_key.split()[:2]
+    key = paramiko.PKey.from_type_string(kind, base64.b64decode(b64))
+    settings.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    KnownHostsStore(settings.known_hosts).replace(host_entry_name(host.address, host.port), key)
+
+
+@dataclass
+class Fleet:
+    db: Database
+    settings: Settings
+
+    def add(self, host: DevHost, name: str | None = None, *, ssh_key: str | None = None, trusted: bool = True) -> int:
+        if trusted:
+            trust(self.settings, host)
+        return add_server(self.db, name or host.name, address=host.address, port=host.port, username=host.user,
+                          ssh_key=ssh_key if ssh_key is not None else host.private_key_text)
+
+    def event(self, hosts: list[DevHost], script: str, *, type: str = "BASH", names: list[str] | None = None,
+              **kw: object) -> int:
+        ids = [self.add(h, (names or [None] * len(hosts))[i]) for i, h in enumerate(hosts)]
+        return add_event(self.db, type=type, content=script, servers=ids, **kw)  # type: ignore[arg-type]
+
+    def env(self) -> dict[str, str]:
+        """Environment for running the cronium-fab / fab programs against this fleet."""
+        s = self.settings
+        return dict(
+            os.environ,
+            CRONIUM_DATABASE_URL=s.database_url,
+            CRONIUM_FAB_DATA_DIR=str(s.data_dir),
+            CRONIUM_FAB_SIGNING_KEY=str(s.signing_key),
+            CRONIUM_FAB_PUBLIC_KEY=str(s.public_key),
+            CRONIUM_FAB_RUNNER=str(s.runner_path),
+            CRONIUM_FAB_PAYLOAD_DIR=str(s.payload_dir),
+        )
+
+
+@pytest.fixture
+def fleet(db: Database, settings: Settings, signed_runner: Path) -> Fleet:
+    return Fleet(db, settings.with_(runner_path=signed_runner, helper_mode="bundled"))
