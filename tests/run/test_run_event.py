@@ -200,9 +200,9 @@ def test_secrets_never_in_remote_argv_json_or_logs(fleet: Fleet, ssh_hosts) -> N
     def scan() -> None:
         while not stop.is_set():
             for pid in _procs_with(secret):
-                seen.append(open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace"))
+                seen.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
             for pid in _procs_with("OPENSSH PRIVATE KEY"):
-                seen.append("private key in argv of pid %d" % pid)
+                seen.append(f"private key in argv of pid {pid}")
             time.sleep(0.05)
 
     t = threading.Thread(target=scan)
