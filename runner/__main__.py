@@ -1,7 +1,97 @@
-"""cronium-runner: runs one Cronium payload on a target (see docs/PROTOCOL.md, docs/RUNNER.md)."""
+"""cronium-runner: runs one Cronium payload on a target (see docs/PROTOCOL.md, docs/RUNNER.md).
+
+A zipapp cannot cache bytecode, and compiling the runner on every start costs tens of milliseconds.
+So the compiled modules are kept in a private per-user cache, keyed by the archive's sha256 and the
+interpreter's cache tag: ``${XDG_CACHE_HOME:-$HOME/.cache}/cronium/code/<sha256>.<tag>`` (dir 0700,
+ignored unless owned by us and not writable by others). Without it, plain zipimport is used.
+"""
 import sys
 
-from cronium_runner.cli import main
+
+def _code_cache():
+    import hashlib
+    import marshal
+    import os
+    import stat
+    archive = os.path.dirname(os.path.abspath(__file__))
+    try:
+        with open(archive, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cdir = os.path.join(base, "cronium", "code")
+    path = os.path.join(cdir, "%s.%s" % (sha, sys.implementation.cache_tag))
+    try:
+        st = os.stat(cdir)
+        ok = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+        with open(path, "rb") as f:
+            codes = marshal.loads(f.read()) if ok else None
+    except (OSError, ValueError, EOFError, TypeError):
+        codes = None
+    if not isinstance(codes, dict):
+        import zipfile
+        codes = {}
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                if name.startswith("cronium_runner/") and name.endswith(".py") and name.count("/") == 1:
+                    mod = name[:-3].replace("/", ".")
+                    codes[mod] = compile(z.read(name), os.path.join(archive, name), "exec", dont_inherit=True)
+        try:
+            os.makedirs(os.path.dirname(cdir), 0o700, exist_ok=True)
+            os.makedirs(cdir, 0o700, exist_ok=True)
+            tmp = "%s.%d.tmp" % (path, os.getpid())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(marshal.dumps(codes))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return archive, sha, codes
+
+
+def _install(archive, sha, codes):
+    import importlib.machinery
+    import importlib.util
+    import zipimport
+
+    zi = zipimport.zipimporter(archive)
+
+    class Loader(object):
+        def find_spec(self, name, path=None, target=None):
+            key = name + ".__init__" if name + ".__init__" in codes else name
+            if key not in codes:
+                return None
+            spec = importlib.util.spec_from_loader(name, self, is_package=key != name)
+            spec.origin = archive + "/" + key.replace(".", "/") + ".py"
+            if key != name:
+                spec.submodule_search_locations = [archive + "/" + name.replace(".", "/")]
+            return spec
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            name = module.__name__
+            module.__file__ = module.__spec__.origin
+            module.__loader__ = zi          # pkgutil.get_data reads the shims from the archive
+            module.__runner_sha256__ = sha
+            exec(codes.get(name + ".__init__") or codes[name], module.__dict__)
+
+        def get_data(self, path):
+            return zi.get_data(path)
+
+    sys.meta_path.insert(0, Loader())
+
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        _cached = _code_cache()
+    except Exception:
+        _cached = None
+    if _cached:
+        _install(*_cached)
+    from cronium_runner import cli
+    if _cached:
+        cli.set_own_sha256(_cached[1])
+    sys.exit(cli.main(sys.argv[1:]))

@@ -6,7 +6,6 @@ import pwd
 import shutil
 import signal
 import sys
-import tempfile
 import time
 
 from . import PROTOCOL, VERSION, RunnerError, execute, extract, helpers, protocol
@@ -26,6 +25,10 @@ def own_sha256():
         except (OSError, TypeError):
             _sha_cache.append(None)
     return _sha_cache[0]
+
+
+def set_own_sha256(sha):
+    _sha_cache[:] = [sha]
 
 
 def runner_info():
@@ -183,7 +186,22 @@ def _interpreter(header, kind, path):
     return found
 
 
-def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, umask=0o022):
+def _private_dir():
+    base = os.environ.get("TMPDIR") or "/tmp"
+    if not os.path.isdir(base):
+        base = "/tmp"
+    for _ in range(100):
+        path = os.path.join(os.path.abspath(base), "cronium-run-" + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)
+        return path
+    raise RunnerError("internal", "cannot create a work directory under %s" % base)
+
+
+def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, umask=0o022, subreaper=False):
     """Everything between a verified payload and the result dict. Never raises RunnerError."""
     t0 = time.monotonic()
     res = {
@@ -205,9 +223,7 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
             path = (header.get("env") or {}).get("PATH") or manifest["environment"].get("PATH") \
                 or os.environ.get("PATH") or DEFAULT_PATH
             interp = _interpreter(header, manifest["interpreter"], path)
-            base = os.environ.get("TMPDIR") or tempfile.gettempdir()
-            workdir = tempfile.mkdtemp(prefix="cronium-run-", dir=base if os.path.isdir(base) else None)
-            os.chmod(workdir, 0o700)
+            workdir = _private_dir()
             extract.write_plan(opened, workdir)
             meta = manifest["metadata"]
             ctx = _context(header, meta, workdir)
@@ -221,6 +237,7 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
                 [interp, os.path.join(workdir, manifest["entrypoint"])], env, workdir, sink,
                 timeout=float(timeout) if timeout else None, grace=header.get("kill_grace", 5.0),
                 limits=header.get("limits"), watch_fd=watch_fd, wake_fd=wake_fd, umask=umask, libc=libc)
+            script.subreaper = subreaper
             STATE.script = script
             STATE.phase = "running"
             try:
@@ -287,7 +304,7 @@ def serve():
     w = protocol.FrameWriter(1)
     wake = _install_signals()
     libc = execute._libc()
-    execute.become_subreaper(libc)
+    subreaper = execute.become_subreaper(libc)
     _hello(w)
     try:
         header, payload = protocol.read_input(0)
@@ -305,7 +322,8 @@ def serve():
         if live and not w.write(protocol.stream_records(kind, ts, live)) and STATE.script is not None:
             STATE.script.cancel_reason = STATE.script.cancel_reason or "stdout of the runner is broken"
 
-    res = run_payload(header, payload, sink, watch_fd=0, wake_fd=wake, libc=libc, umask=umask)
+    res = run_payload(header, payload, sink, watch_fd=0, wake_fd=wake, libc=libc, umask=umask,
+                      subreaper=subreaper)
     for kind, name in ((b"O", "stdout"), (b"E", "stderr")):
         c = cappers[kind]
         if c.dropped:
@@ -366,14 +384,14 @@ def hand(args):
     umask = os.umask(0o077)
     wake = _install_signals()
     libc = execute._libc()
-    execute.become_subreaper(libc)
+    subreaper = execute.become_subreaper(libc)
     out = {b"O": protocol.FrameWriter(1), b"E": protocol.FrameWriter(2)}
 
     def sink(kind, ts, data):
         out[kind].write(data)
 
     try:
-        res = run_payload(header, payload, sink, wake_fd=wake, libc=libc, umask=umask)
+        res = run_payload(header, payload, sink, wake_fd=wake, libc=libc, umask=umask, subreaper=subreaper)
     except RunnerError as e:  # a signal during the very first steps
         res = {"status": "cancelled", "error": e.message, "error_kind": e.kind, "exit_code": None,
                "signal": None, "runner": runner_info()}

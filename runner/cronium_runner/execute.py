@@ -113,6 +113,7 @@ class Script:
         self.status = None             # raw wait status of the main process
         self.rusage = None
         self.pid = None
+        self.subreaper = False         # set by the caller when prctl(PR_SET_CHILD_SUBREAPER) worked
 
     @staticmethod
     def _limits(limits):
@@ -239,6 +240,14 @@ class Script:
         self.stop()
         self.ended = time.monotonic()
 
+    @staticmethod
+    def _has_children():
+        try:
+            with open("/proc/self/task/%d/children" % os.getpid(), "rb") as f:
+                return bool(f.read().strip())
+        except OSError:
+            return True
+
     def kill_all(self):
         """SIGKILL the tree until nothing of it is left (catches forks racing the kill)."""
         for _ in range(200):
@@ -250,7 +259,10 @@ class Script:
 
     def stop(self):
         """Leftovers after the loop: SIGTERM, a short grace, SIGKILL; then reap everything."""
-        if tree(self.pid):
+        self._reap()
+        if self.status is not None and self.subreaper and not self._has_children():
+            pass    # as a subreaper, every live descendant would be a child of ours: nothing left
+        elif tree(self.pid):
             signal_tree(self.pid, signal.SIGTERM)
             end = time.monotonic() + min(self.grace, 2.0)
             while time.monotonic() < end and tree(self.pid):

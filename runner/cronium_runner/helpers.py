@@ -46,7 +46,7 @@ def install(workdir, context, input_data, variables):
     """Create ``.cronium/`` (files, libs, commands); return ``(state_dir, env_additions)``."""
     state = os.path.join(workdir, ".cronium")
     os.mkdir(state, 0o700)
-    for sub in ("lib", "node", "bin", "tmp"):
+    for sub in ("lib", "tmp"):   # lib: cronium.py, sitecustomize.py, cronium.js, cronium.* commands
         os.mkdir(os.path.join(state, sub), 0o700)
     _write(os.path.join(state, "input.json"), _dump({"data": input_data}))
     _write(os.path.join(state, "variables.json"), _dump(variables))
@@ -54,8 +54,8 @@ def install(workdir, context, input_data, variables):
     lib = os.path.join(state, "lib")
     _write(os.path.join(lib, "cronium.py"), _data("cronium.py"))
     _write(os.path.join(lib, "sitecustomize.py"), _SITECUSTOMIZE)
-    _write(os.path.join(state, "node", "cronium.js"), _data("cronium.js"))
-    bindir = os.path.join(state, "bin")
+    _write(os.path.join(lib, "cronium.js"), _data("cronium.js"))
+    bindir = lib
     py = sys.executable or "python3"
     for cmd in COMMANDS:
         text = "#!/bin/sh\nexec %s -I -S %s %s \"$@\"\n" % (
@@ -63,13 +63,13 @@ def install(workdir, context, input_data, variables):
         _write(os.path.join(bindir, "cronium." + cmd), text, 0o700)
     bash_env = os.path.join(state, "bash_env.sh")
     _write(bash_env, _data("cronium.sh").decode("utf-8").replace("@BIN@", shlex.quote(bindir)))
-    node_opt = "--require=" + os.path.join(state, "node", "cronium.js")
+    node_opt = "--require=" + os.path.join(lib, "cronium.js")
     if " " in node_opt or '"' in node_opt:
         node_opt = '"%s"' % node_opt.replace("\\", "\\\\").replace('"', '\\"')
     env = {
         "CRONIUM_HELPER_DIR": state,
         "PYTHONPATH": lib,
-        "NODE_PATH": os.path.join(state, "node"),
+        "NODE_PATH": lib,
         "NODE_OPTIONS": node_opt,
         "BASH_ENV": bash_env,
         "TMPDIR": os.path.join(state, "tmp"),

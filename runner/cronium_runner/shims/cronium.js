@@ -8,7 +8,7 @@ const path = require('path');
 const cp = require('child_process');
 
 const STATE = process.env.CRONIUM_HELPER_DIR || path.dirname(__dirname);
-const BIN = path.join(STATE, 'bin');
+const BIN = __dirname;
 
 function api() {
   return process.env.CRONIUM_HELPER_MODE === 'api' &&
