@@ -36,7 +36,7 @@ from .db.models import Server, utcnow
 from .db.queries import ResolvedEvent, resolve_event, server_credentials, user_variables
 from .errors import CroniumFabError
 from .payloads import PayloadStore, VerifiedPayload
-from .records import JobContext, RunRecorder, execution_id_for
+from .records import Deployment, JobContext, RunRecorder, execution_id_for
 from .remote.connection import HostTarget, SSHSettings, open_connection
 from .remote.errors import RemoteError
 from .remote.runner_cache import runner_file_name
@@ -339,9 +339,9 @@ def run_event(settings: Settings, request: RunRequest, *, out: IO[str] | None = 
         results.append(HostResult(server_id=t.server_id, name=t.name, host=t.address,
                                   execution_id=execution_id_for(ctx.job_id, key, started_unix),
                                   helper_mode="bundled" if helper_mode != "api" else "api"))
-    for t, r in zip(targets, results, strict=True):
-        recorder.add_execution(ctx.job_id, r.execution_id, t.server_id, t.name,
-                               {"host": t.address, "trigger": "job" if request.job_id else "manual"})
+    trigger = "job" if request.job_id else "manual"
+    recorder.add_executions(ctx.job_id, [(r.execution_id, t.server_id, t.name, {"host": t.address, "trigger": trigger})
+                                         for t, r in zip(targets, results, strict=True)])
     printer = LivePrinter(out, [t.name for t in targets])
     timeout = request.timeout if request.timeout is not None else event.timeout_seconds
     ssh = _ssh_settings(settings)
@@ -459,6 +459,7 @@ def _run_one_host(settings: Settings, request: RunRequest, event: ResolvedEvent,
     stdout, stderr = CappedBuffer(request.output_cap), CappedBuffer(request.output_cap)
     connected: datetime | None = None
     run: HostRun | None = None
+    deployment: Deployment | None = None
 
     def on_record(kind: str, ts: float, data: bytes) -> None:
         (stdout if kind == "stdout" else stderr).add(data)
@@ -492,9 +493,12 @@ def _run_one_host(settings: Settings, request: RunRequest, event: ResolvedEvent,
         finally:
             conn.close()
         _apply_run(res, run)
-        recorder.deployment(target.server_id, runner_version=__version__, runner_path=f"${{XDG_CACHE_HOME:-~/.cache}}/cronium/{runner_file_name(runner.sha256)}",
-                            checksum=runner.sha256, installed=bool(run.runner_installed),
-                            ok=run.error_kind not in ("runner-install-failed",))
+        if target.server_id is not None and run.error_kind not in ("python-missing", "python-too-old"):
+            deployment = Deployment(
+                server_id=target.server_id, runner_version=__version__,
+                runner_path=f"${{XDG_CACHE_HOME:-~/.cache}}/cronium/{runner_file_name(runner.sha256)}",
+                checksum=runner.sha256, installed=run.runner_installed,
+                ok=run.error_kind != "runner-install-failed")
     printer.flush(target.name)
     res.stdout, res.stderr = stdout.text(), stderr.text()
     res.duration_ms = int((time.monotonic() - t0) * 1000)
@@ -506,6 +510,7 @@ def _run_one_host(settings: Settings, request: RunRequest, event: ResolvedEvent,
                   "condition": res.condition, "variables": res.variables, "signal": res.signal,
                   "error_kind": res.error_kind},
         user_id=event.user_id, variables=res.variables, write_variables=res.helper_mode == "bundled",
+        deployment=deployment,
     )
 
 

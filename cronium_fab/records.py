@@ -90,6 +90,18 @@ def _merge_execution_metadata(session: Session, execution_id: str, values: dict[
     row.updated_at = utcnow()
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """Which runner a server used in this run (a ``runner_deployments`` row)."""
+
+    server_id: int
+    runner_version: str
+    runner_path: str
+    checksum: str
+    installed: bool
+    ok: bool
+
+
 @dataclass
 class JobContext:
     job_id: str
@@ -155,11 +167,15 @@ class RunRecorder:
                 job.payload = dict(payload, executionLogId=log.id)
             return JobContext(job_id, log.id, input_data, created)
 
-    def add_execution(self, job_id: str, execution_id: str, server_id: int | None, server_name: str,
-                      metadata: dict[str, Any]) -> None:
+    def add_executions(self, job_id: str, rows: list[tuple[str, int | None, str, dict[str, Any]]]) -> None:
+        """One ``queued`` executions row per host, all in one transaction: (id, server_id, name, metadata)."""
+        now = utcnow()
         with self.db.session() as s:
-            s.add(Execution(id=execution_id, job_id=job_id, server_id=server_id, server_name=server_name,
-                            status="queued", metadata_=metadata))
+            s.add_all(
+                Execution(id=eid, job_id=job_id, server_id=sid, server_name=name, status="queued",
+                          metadata_=meta, created_at=now, updated_at=now)
+                for eid, sid, name, meta in rows
+            )
 
     def host_running(self, execution_id: str) -> None:
         now = utcnow()
@@ -174,10 +190,14 @@ class RunRecorder:
     # -- per host --------------------------------------------------------------------------
     def host_finished(self, execution_id: str, *, status: str, exit_code: int | None, output: str,
                       error: str | None, phases: dict[str, datetime | None], metadata: dict[str, Any],
-                      user_id: str, variables: dict[str, Any], write_variables: bool) -> None:
-        """Terminal state of one host, and the variables it set (bundled mode: written now)."""
+                      user_id: str, variables: dict[str, Any], write_variables: bool,
+                      deployment: Deployment | None = None) -> None:
+        """Terminal state of one host, the variables it set (bundled mode: written now) and which
+        runner it used, in one transaction."""
         now = utcnow()
         with self._lock, self.db.session() as s:
+            if deployment is not None:
+                self._record_deployment(s, deployment, now)
             row = s.get(Execution, execution_id, with_for_update=True)
             if row is None:
                 return
@@ -200,25 +220,21 @@ class RunRecorder:
                 for key, value in variables.items():
                     set_variable(s, user_id, key, value)
 
-    def deployment(self, server_id: int | None, *, runner_version: str, runner_path: str, checksum: str,
-                   installed: bool, ok: bool) -> None:
-        if server_id is None:
-            return
-        now = utcnow()
-        with self._lock, self.db.session() as s:
-            row = s.scalars(
-                select(RunnerDeployment).where(RunnerDeployment.server_id == server_id,
-                                               RunnerDeployment.checksum == checksum)
-            ).first()
-            if row is None:
-                row = RunnerDeployment(server_id=server_id, checksum=checksum, runner_version=runner_version,
-                                       runner_path=runner_path, deployed_at=now)
-                s.add(row)
-            elif installed:
-                row.deployed_at = now
-            row.runner_path = runner_path
-            row.last_used = now
-            row.status = "active" if ok else "failed"
+    @staticmethod
+    def _record_deployment(s: Session, d: Deployment, now: datetime) -> None:
+        row = s.scalars(
+            select(RunnerDeployment).where(RunnerDeployment.server_id == d.server_id,
+                                           RunnerDeployment.checksum == d.checksum)
+        ).first()
+        if row is None:
+            row = RunnerDeployment(server_id=d.server_id, checksum=d.checksum, runner_version=d.runner_version,
+                                   runner_path=d.runner_path, deployed_at=now)
+            s.add(row)
+        elif d.installed:
+            row.deployed_at = now
+        row.runner_path = d.runner_path
+        row.last_used = now
+        row.status = "active" if d.ok else "failed"
 
     # -- end -------------------------------------------------------------------------------
     def finish(self, ctx: JobContext, *, event_id: int, status: str, output: str, duration_ms: int,

@@ -50,6 +50,7 @@ def make_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: no corruption, far fewer fsyncs
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 

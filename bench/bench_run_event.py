@@ -1,0 +1,179 @@
+"""Benchmark: warm `cronium-fab run-event` of a trivial event vs OpenSSH and Fabric baselines.
+
+Run by hand (not a test): ``.venv/bin/python bench/bench_run_event.py [--hosts 1,10,50] [--reps 5]``.
+Everything is measured in the same run on the same local sshd hosts, and reported as ratios:
+
+- ``cronium-fab``: the CLI, as the Cronium backend calls it (``run-event --id N --quiet``), runner
+  already cached on every host (warm path: one exec per host).
+- ``ssh``: the OpenSSH client, ``ssh host true``; many hosts in parallel with ``xargs -P``.
+- ``fabric``: ``fabric.ThreadingGroup(...).run('true')`` with fresh connections, as a program
+  (``python -c``), so both sides pay for interpreter start-up and imports.
+- ``library``: ``run_event()`` in an already-running Python process vs ThreadingGroup in-process,
+  which takes interpreter start-up and imports out of the picture.
+
+It also prints where the CLI's time goes: interpreter start-up, imports, and the phases of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import paramiko
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cronium_fab.build import build_runner  # noqa: E402
+from cronium_fab.db.engine import Database  # noqa: E402
+from cronium_fab.devhosts import DevHost, DevHostPool  # noqa: E402
+from cronium_fab.execute import RunRequest, run_event  # noqa: E402
+from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name  # noqa: E402
+from cronium_fab.settings import Settings  # noqa: E402
+from cronium_fab.signing import generate_keypair, load_private_key, sign_file  # noqa: E402
+from tests.factories import add_event, add_server  # noqa: E402
+
+
+def timed(cmd: list[str] | str, env: dict[str, str] | None = None, shell: bool = False) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, shell=shell, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def median_of(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    return statistics.median(fn() for _ in range(reps))
+
+
+def setup(work: Path, hosts: list[DevHost]) -> tuple[Settings, int, Path]:
+    key, pub = work / "keys" / "cosign.key", work / "keys" / "cosign.pub"
+    generate_keypair(key, pub)
+    art = build_runner(ROOT / "runner", work / "dist")
+    sign_file(art.path, load_private_key(key))
+    settings = Settings(database_url=f"sqlite:///{work / 'cronium.db'}", data_dir=work / "data", signing_key=key,
+                        public_key=pub, runner_path=art.path, payload_dir=work / "payloads",
+                        helper_mode="bundled", parallel=64)
+    db = Database(settings.database_url)
+    db.init()
+    settings.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    store = KnownHostsStore(settings.known_hosts)
+    ssh_known = work / "ssh_known_hosts"
+    lines = []
+    ids = []
+    for h in hosts:
+        kind, b64 = h.host_public_key.split()[:2]
+        store.add(host_entry_name(h.address, h.port), paramiko.PKey.from_type_string(kind, base64.b64decode(b64)))
+        lines.append(h.known_hosts_line())
+        ids.append(add_server(db, h.name, address=h.address, port=h.port, username=h.user, ssh_key=h.private_key_text))
+    ssh_known.write_text("\n".join(lines) + "\n")
+    event = add_event(db, content="true", servers=ids)
+    db.dispose()
+    return settings, event, ssh_known
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    import os
+
+    return dict(os.environ, CRONIUM_DATABASE_URL=settings.database_url, CRONIUM_FAB_DATA_DIR=str(settings.data_dir),
+                CRONIUM_FAB_SIGNING_KEY=str(settings.signing_key), CRONIUM_FAB_PUBLIC_KEY=str(settings.public_key),
+                CRONIUM_FAB_RUNNER=str(settings.runner_path), CRONIUM_FAB_PAYLOAD_DIR=str(settings.payload_dir),
+                CRONIUM_FAB_HELPER_MODE="bundled", CRONIUM_FAB_PARALLEL="64")
+
+
+def ssh_cmd(h: DevHost, known: Path) -> str:
+    return (f"ssh -o BatchMode=yes -o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes "
+            f"-o GlobalKnownHostsFile=/dev/null -i {h.private_key_path} -p {h.port} {h.user}@{h.address} true")
+
+
+FABRIC_PROGRAM = """
+import sys, fabric
+hosts = [a.split('|') for a in sys.argv[1:]]
+g = fabric.ThreadingGroup.from_connections([
+    fabric.Connection(a, user=u, port=int(p), connect_kwargs={"key_filename": [k], "look_for_keys": False,
+                                                              "allow_agent": False})
+    for u, a, p, k in hosts])
+g.run("true", hide=True, in_stream=False)
+g.close()
+"""
+
+
+def fabric_args(hosts: list[DevHost]) -> list[str]:
+    return [f"{h.user}|{h.address}|{h.port}|{h.private_key_path}" for h in hosts]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hosts", default="1,10,50")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.hosts.split(",")]
+    py = sys.executable
+    with tempfile.TemporaryDirectory(prefix="cfab-bench-") as tmp:
+        work = Path(tmp)
+        pool = DevHostPool(work / "hosts")
+        try:
+            all_hosts = pool.add_hosts(max(sizes), ready_timeout=60)
+            print(f"# {max(sizes)} local sshd hosts, {args.reps} repetitions, medians in seconds\n")
+            print("where the CLI's time goes (1 process):")
+            bare = median_of(lambda: timed([py, "-c", "pass"]), args.reps)
+            imp = median_of(lambda: timed([py, "-c", "import cronium_fab.execute, cronium_fab.cli"]), args.reps)
+            print(f"  interpreter start-up           {bare:.3f}")
+            print(f"  + imports (sqlalchemy, fabric)  {imp - bare:.3f}")
+            rows = []
+            for n in sizes:
+                hosts = all_hosts[:n]
+                sub = work / f"n{n}"
+                sub.mkdir()
+                settings, event, known = setup(sub, hosts)
+                env = cli_env(settings)
+                cli = [str(Path(py).parent / "cronium-fab"), "run-event", "--id", str(event), "--quiet"]
+                timed(cli, env)  # warm: installs the runner on every host
+                t_cli = median_of(lambda: timed(cli, env), args.reps)  # noqa: B023
+                if n == 1:
+                    t_ssh = median_of(lambda: timed(ssh_cmd(hosts[0], known), shell=True), args.reps)  # noqa: B023
+                else:
+                    script = "\n".join(ssh_cmd(h, known) for h in hosts)
+                    listing = sub / "ssh_cmds"
+                    listing.write_text(script + "\n")
+                    t_ssh = median_of(lambda: timed(f"xargs -P {n} -I{{}} sh -c '{{}}' < {listing}", shell=True),  # noqa: B023
+                                      args.reps)
+                t_fab = median_of(lambda: timed([py, "-c", FABRIC_PROGRAM, *fabric_args(hosts)]), args.reps)  # noqa: B023
+
+                def lib_run() -> float:
+                    t0 = time.perf_counter()
+                    r = run_event(settings, RunRequest(event_id=event), out=None)  # noqa: B023
+                    assert r.status == "SUCCESS", r.to_dict()
+                    return time.perf_counter() - t0
+
+                import fabric
+
+                def lib_fab() -> float:
+                    t0 = time.perf_counter()
+                    g = fabric.ThreadingGroup.from_connections([
+                        fabric.Connection(h.address, user=h.user, port=h.port,
+                                          connect_kwargs={"key_filename": [str(h.private_key_path)],
+                                                          "look_for_keys": False, "allow_agent": False})
+                        for h in hosts])  # noqa: B023
+                    g.run("true", hide=True, in_stream=False)
+                    g.close()
+                    return time.perf_counter() - t0
+
+                t_lib = median_of(lib_run, args.reps)
+                t_libfab = median_of(lib_fab, args.reps)
+                rows.append((n, t_cli, t_ssh, t_fab, t_lib, t_libfab))
+            print("\n hosts | cronium-fab CLI | ssh (xargs -P) | fabric program | ratio vs ssh | ratio vs fabric "
+                  "| run_event() lib | ThreadingGroup lib | lib ratio")
+            for n, t_cli, t_ssh, t_fab, t_lib, t_libfab in rows:
+                print(f" {n:5d} | {t_cli:15.3f} | {t_ssh:14.3f} | {t_fab:14.3f} | {t_cli / t_ssh:11.2f}x | "
+                      f"{t_cli / t_fab:14.2f}x | {t_lib:15.3f} | {t_libfab:18.3f} | {t_lib / t_libfab:8.2f}x")
+        finally:
+            pool.stop()
+
+
+if __name__ == "__main__":
+    main()
