@@ -43,7 +43,8 @@ def _wait_gone(pids, within: float = 1.0) -> list[int]:
 def test_timeout_kills_setsid_grandchild_ignoring_term(any_py, pyz, tmpdir_env):
     env, tmp = tmpdir_env
     t0 = time.monotonic()
-    s = run_serve(any_py, pyz, FORK_SETSID, "python", proc_env=env, timeout=1, kill_grace=1)
+    # timeout generous enough that a loaded machine still gets both pids printed before it
+    s = run_serve(any_py, pyz, FORK_SETSID, "python", proc_env=env, timeout=4, kill_grace=1)
     took = time.monotonic() - t0
     pids = _pids(s.stdout)
     assert set(pids) == {"gc", "main"}, s.stdout
@@ -51,7 +52,7 @@ def test_timeout_kills_setsid_grandchild_ignoring_term(any_py, pyz, tmpdir_env):
     assert r["status"] == "timeout" and r["timed_out"] is True
     assert r["signal"] == signal.SIGKILL and r["exit_code"] is None
     assert _wait_gone(pids.values(), 0.1) == [], "orphans survived the timeout"
-    assert took < 10
+    assert took < 20
     assert list(tmp.iterdir()) == []
 
 
