@@ -43,6 +43,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import fabric
@@ -355,24 +356,17 @@ class RemoteForward:
                     relay = key.data
                     if relay is None:
                         self._drain_wake()
-                        continue
-                    if relay not in relays:
-                        continue
-                    if key.fd == relay.chan_fd:
-                        self._on_chan(relay)
-                    elif not relay.connected:
-                        self._on_connected(relay)
-                    else:
-                        if mask & selectors.EVENT_WRITE:
-                            self._flush_sock(relay)
-                        if mask & selectors.EVENT_READ and relay in relays:
-                            self._on_sock(relay)
-                    self._settle(sel, relays, blocked, relay)
+                    elif relay in relays:
+                        self._guarded(self._on_event, sel, relays, blocked, relay, key.fd, mask)
                 if self._stop:
                     break
                 while self._incoming:
                     chan = self._incoming.popleft()
-                    self._start(sel, relays, chan)
+                    try:
+                        self._start(sel, relays, blocked, chan)
+                    except Exception:
+                        log.exception("host %s: cannot relay a tunnel connection", self.name)
+                        _close_quietly(chan)
                 now = time.monotonic()
                 for relay in connecting:
                     if not relay.connected and relay in relays and now >= relay.deadline:
@@ -380,8 +374,7 @@ class RemoteForward:
                         self._finish(sel, relays, blocked, relay)
                 for relay in list(blocked):
                     if relay.chan.send_ready() or relay.chan.closed:
-                        self._flush_chan(relay)
-                        self._settle(sel, relays, blocked, relay)
+                        self._guarded(self._on_window, sel, relays, blocked, relay, -1, 0)
         except Exception:  # log, then close everything below
             log.exception("host %s: tunnel relay failed", self.name)
         finally:
@@ -399,6 +392,30 @@ class RemoteForward:
             _close_quietly(self._wake_w)
             self._wake_w = None
 
+    def _guarded(self, step: Callable[..., None], sel: selectors.BaseSelector, relays: set[_Relay],
+                 blocked: set[_Relay], relay: _Relay, fd: int, mask: int) -> None:
+        """Run one relay's step; a bug or surprise in one connection closes that one, not the rest."""
+        try:
+            step(relay, fd, mask)
+            self._settle(sel, relays, blocked, relay)
+        except Exception:
+            log.exception("host %s: tunnel connection failed; closing it", self.name)
+            self._finish(sel, relays, blocked, relay)
+
+    def _on_event(self, relay: _Relay, fd: int, mask: int) -> None:
+        if fd == relay.chan_fd:
+            self._on_chan(relay)
+        elif not relay.connected:
+            self._on_connected(relay)
+        else:
+            if mask & selectors.EVENT_WRITE:
+                self._flush_sock(relay)
+            if mask & selectors.EVENT_READ:
+                self._on_sock(relay)
+
+    def _on_window(self, relay: _Relay, fd: int, mask: int) -> None:
+        self._flush_chan(relay)
+
     def _drain_wake(self) -> None:
         assert self._wake_r is not None
         try:
@@ -407,7 +424,8 @@ class RemoteForward:
         except OSError:
             pass
 
-    def _start(self, sel: selectors.BaseSelector, relays: set[_Relay], chan: paramiko.Channel) -> None:
+    def _start(self, sel: selectors.BaseSelector, relays: set[_Relay], blocked: set[_Relay],
+               chan: paramiko.Channel) -> None:
         self.channels_total += 1
         if len(relays) >= self.max_channels:
             self.channels_refused += 1
@@ -423,20 +441,24 @@ class RemoteForward:
             log.warning("host %s: cannot create a socket for a tunnel connection: %s", self.name, e)
             _close_quietly(chan)
             return
-        sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        chan.settimeout(0.0)
-        relay = _Relay(chan, sock, time.monotonic() + self.connect_timeout)
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            chan.settimeout(0.0)
+            relay = _Relay(chan, sock, time.monotonic() + self.connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
         relays.add(relay)
         err = sock.connect_ex(addr)
         if err == 0:
             relay.connected = True
         elif err not in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
             self._refused(relay, errno.errorcode.get(err, str(err)))
-            self._finish(sel, relays, set(), relay)
+            self._finish(sel, relays, blocked, relay)
             return
-        self._settle(sel, relays, set(), relay)
+        self._guarded(lambda *a: None, sel, relays, blocked, relay, -1, 0)
 
     def _on_connected(self, relay: _Relay) -> None:
         err = relay.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -572,11 +594,13 @@ class RemoteForward:
         blocked.discard(relay)
         # Unregister before closing: closing the channel closes its pipe (the fd we selected on).
         if relay.chan_mask:
-            sel.unregister(relay.chan_fd)
             relay.chan_mask = 0
+            with contextlib.suppress(Exception):
+                sel.unregister(relay.chan_fd)
         if relay.sock_mask:
-            sel.unregister(relay.sock)
             relay.sock_mask = 0
+            with contextlib.suppress(Exception):
+                sel.unregister(relay.sock)
         _close_quietly(relay.sock)
         _close_quietly(relay.chan)
 
