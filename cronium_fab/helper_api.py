@@ -160,7 +160,10 @@ def match_route(raw_path: str) -> tuple[str, tuple[str, ...], dict[str, str]]:
     Segments are split before decoding, so ``%2F`` inside a key stays part of the key and no encoded
     ``/`` or ``..`` can reach another route.
     """
-    path = urlsplit(raw_path).path
+    if raw_path.lower().startswith(("http://", "https://")):  # absolute-form request target
+        path = urlsplit(raw_path).path
+    else:
+        path = raw_path.partition("?")[0].partition("#")[0]
     if not path.startswith("/"):
         _fail(HTTPStatus.NOT_FOUND, "no such endpoint")
     parts = path[1:].split("/")
@@ -272,8 +275,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive: one connection per client carries many calls
-    server_version = "cronium-fab-helper-api"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return "cronium-fab-helper-api"
 
     def setup(self) -> None:
         super().setup()
@@ -407,7 +411,7 @@ class HelperAPI:
         if self._server is not None:
             return self
         self._server = _Server(self, self.max_connections)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="cronium-helper-api", daemon=True)
         self._thread.start()
         log.debug("helper API listening on 127.0.0.1:%d", self.port)
