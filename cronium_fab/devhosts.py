@@ -279,9 +279,16 @@ def _kill_tree(pid: int, config_path: Path | None = None) -> None:
     """SIGKILL an sshd and everything below it (sessions, runners, scripts): a host that dies."""
     if config_path is not None and str(config_path) not in _cmdline(pid):
         return  # not our sshd any more (pid reused): leave it alone
-    for p in _process_tree(pid):
+    tree = _process_tree(pid)
+    for p in tree:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGKILL)
+    # SIGKILL is asynchronous: wait (bounded) until none of them runs any more, so a caller that
+    # checks right after (or reuses the port) sees the host down. Zombies of our own children
+    # have an empty cmdline and count as gone.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_cmdline(p) for p in tree):
+        time.sleep(0.01)
 
 
 class DevHostPool:
