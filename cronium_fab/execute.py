@@ -35,13 +35,15 @@ from .db.engine import Database
 from .db.models import Server, utcnow
 from .db.queries import ResolvedEvent, resolve_event, server_credentials, user_variables
 from .errors import CroniumFabError
-from .payloads import PayloadStore, VerifiedPayload
-from .records import Deployment, JobContext, RunRecorder, execution_id_for
+from .helper_api import ExecutionContext, HelperAPI, HelperState
+from .payloads import PayloadStore
+from .records import Deployment, RunRecorder, execution_id_for
 from .remote.connection import HostTarget, SSHSettings, open_connection
 from .remote.errors import RemoteError
 from .remote.runner_cache import runner_file_name
 from .remote.session import HostRun, run_on_host
-from .settings import Settings
+from .remote.tunnel import RemoteForward
+from .settings import HELPER_MODES, Settings
 from .signing import load_public_key, verify_file
 
 HOST_STATES = ("success", "failure", "timeout", "unreachable", "cancelled")
@@ -317,59 +319,249 @@ def run_event(settings: Settings, request: RunRequest, *, out: IO[str] | None = 
               on_host_done: Callable[[HostResult], None] | None = None) -> RunResult:
     """Run one event on all its hosts and record everything. Raises CroniumFabError for bad input
     (before any row is written); host failures are results, not exceptions."""
-    t0 = time.monotonic()
-    cancel = cancel or threading.Event()
-    helper_mode = request.helper_mode or settings.helper_mode
-    db = Database(settings.database_url)
-    db.check()
-    with db.session() as s:
-        event = resolve_event(s, request.event_id, require_servers=not request.hosts)
-        targets = resolve_targets(s, event, request.hosts)
-        variables = user_variables(s, event.user_id)
-    store = PayloadStore(db, settings.payload_dir, signing_key=settings.signing_key, public_key=settings.public_key)
-    payload = store.load_verified(event.id)
-    runner = load_runner(settings)
-    recorder = RunRecorder(db)
-    ctx = recorder.start(event_id=event.id, event_name=event.name, event_type=event.type, user_id=event.user_id,
-                         job_id=request.job_id, input_data=request.input)
-    results: list[HostResult] = []
-    started_unix = time.time()
-    for i, t in enumerate(targets):
-        key: str | int = t.server_id if t.server_id is not None else f"h{i}"
-        results.append(HostResult(server_id=t.server_id, name=t.name, host=t.address,
-                                  execution_id=execution_id_for(ctx.job_id, key, started_unix),
-                                  helper_mode="bundled" if helper_mode != "api" else "api"))
-    trigger = "job" if request.job_id else "manual"
-    recorder.add_executions(ctx.job_id, [(r.execution_id, t.server_id, t.name, {"host": t.address, "trigger": trigger})
-                                         for t, r in zip(targets, results, strict=True)])
-    printer = LivePrinter(out, [t.name for t in targets])
-    timeout = request.timeout if request.timeout is not None else event.timeout_seconds
-    ssh = _ssh_settings(settings)
-    try:
-        with _interrupts_cancel(cancel):
-            _run_hosts(settings, request, event, targets, results, variables, payload, runner, recorder, ctx,
-                       printer, ssh, timeout, cancel, on_host_done)
-    except BaseException as exc:
-        recorder.abort(ctx, [r.execution_id for r in results], f"run aborted: {exc!r}")
-        raise
-    states = [r.status for r in results]
-    status = aggregate_status(states, cancelled=cancel.is_set() and any(s == "cancelled" for s in states))
-    duration_ms = int((time.monotonic() - t0) * 1000)
-    result = RunResult(status=status, event_id=event.id, event_name=event.name, job_id=ctx.job_id,
-                       log_id=ctx.log_id, hosts=results,
-                       skipped=[{"server_id": s.id, "name": s.name, "reason": s.reason} for s in event.skipped],
-                       duration_ms=duration_ms, payload_version=payload.version)
-    failures = [r for r in results if r.status != "success"]
-    recorder.finish(
-        ctx, event_id=event.id, status=status, output=_log_output(results), duration_ms=duration_ms,
-        setup_ms=None, execution_ms=max((r.duration_ms for r in results), default=0),
-        exit_code=_run_exit_code(results),
-        error="; ".join(f"{r.name}: {r.error or r.status}" for r in failures) or None,
-        result=_job_result(result),
-    )
-    printer.message(summary_table(result))
-    db.dispose()
-    return result
+    return EventRun(settings, request, out=out, cancel=cancel, on_host_done=on_host_done).run()
+
+
+EXEC_STATUS = {"success": "completed", "failure": "failed", "timeout": "timeout", "unreachable": "failed",
+               "cancelled": "cancelled"}
+
+
+class EventRun:
+    """The state of one run, shared by the host workers (each host only touches its own HostResult)."""
+
+    def __init__(self, settings: Settings, request: RunRequest, *, out: IO[str] | None,
+                 cancel: threading.Event | None, on_host_done: Callable[[HostResult], None] | None) -> None:
+        self.settings = settings
+        self.request = request
+        self.out = out
+        self.cancel = cancel or threading.Event()
+        self.on_host_done = on_host_done
+        self.mode = request.helper_mode or settings.helper_mode
+        if self.mode not in HELPER_MODES:
+            raise CroniumFabError(f"helper mode {self.mode!r} is not one of {', '.join(HELPER_MODES)}")
+        self.api: HelperAPI | None = None
+
+    # -- the whole run ------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        t0 = time.monotonic()
+        settings, request = self.settings, self.request
+        db = Database(settings.database_url)
+        db.check()
+        with db.session() as s:
+            self.event = event = resolve_event(s, request.event_id, require_servers=not request.hosts)
+            self.targets = resolve_targets(s, event, request.hosts)
+            self.variables = user_variables(s, event.user_id)
+        store = PayloadStore(db, settings.payload_dir, signing_key=settings.signing_key,
+                             public_key=settings.public_key)
+        self.payload = store.load_verified(event.id)
+        self.runner = load_runner(settings)
+        self.timeout = request.timeout if request.timeout is not None else event.timeout_seconds
+        self.ssh = _ssh_settings(settings)
+        self.recorder = recorder = RunRecorder(db)
+        self.ctx = ctx = recorder.start(event_id=event.id, event_name=event.name, event_type=event.type,
+                                        user_id=event.user_id, job_id=request.job_id, input_data=request.input)
+        self.trigger = "job" if request.job_id else "manual"
+        started_unix = time.time()
+        self.results: list[HostResult] = []
+        results = self.results
+        for i, t in enumerate(self.targets):
+            key: str | int = t.server_id if t.server_id is not None else f"h{i}"
+            results.append(HostResult(server_id=t.server_id, name=t.name, host=t.address,
+                                      execution_id=execution_id_for(ctx.job_id, key, started_unix)))
+        recorder.add_executions(ctx.job_id, [(r.execution_id, t.server_id, t.name, {"host": t.address,
+                                                                                    "trigger": self.trigger})
+                                             for t, r in zip(self.targets, results, strict=True)])
+        self.printer = LivePrinter(self.out, [t.name for t in self.targets])
+        try:
+            with _interrupts_cancel(self.cancel):
+                if self.mode == "bundled":
+                    self._run_hosts()
+                else:
+                    lifetime = self.timeout + KILL_GRACE + WATCHDOG_MARGIN + settings.setup_timeout + 300
+                    with HelperAPI(db, secret=settings.api_secret, lifetime_s=lifetime) as api:
+                        self.api = api
+                        self._run_hosts()
+        except BaseException as exc:
+            recorder.abort(ctx, [r.execution_id for r in results], f"run aborted: {exc!r}")
+            raise
+        finally:
+            self.api = None
+        states = [r.status for r in results]
+        status = aggregate_status(states, cancelled=self.cancel.is_set() and "cancelled" in states)
+        duration_ms = int((time.monotonic() - t0) * 1000)
+        result = RunResult(status=status, event_id=event.id, event_name=event.name, job_id=ctx.job_id,
+                           log_id=ctx.log_id, hosts=results,
+                           skipped=[{"server_id": s.id, "name": s.name, "reason": s.reason} for s in event.skipped],
+                           duration_ms=duration_ms, payload_version=self.payload.version)
+        failures = [r for r in results if r.status != "success"]
+        recorder.finish(
+            ctx, event_id=event.id, status=status, output=_log_output(results), duration_ms=duration_ms,
+            setup_ms=None, execution_ms=max((r.duration_ms for r in results), default=0),
+            exit_code=_run_exit_code(results),
+            error="; ".join(f"{r.name}: {r.error or r.status}" for r in failures) or None,
+            result=_job_result(result),
+        )
+        self.printer.message(summary_table(result))
+        db.dispose()
+        return result
+
+    def _run_hosts(self) -> None:
+        parallel = max(1, min(self.request.parallel or self.settings.parallel, len(self.targets)))
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cronium-host") as pool:
+            pending: set[Future[None]] = {pool.submit(self._host, i) for i in range(len(self.targets))}
+            while pending:
+                try:
+                    _done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:
+                    self.cancel.set()
+                if self.cancel.is_set():
+                    for f in pending:
+                        f.cancel()  # hosts not started yet never start
+        for res in self.results:  # hosts whose turn never came
+            if res.runner_cached is None and res.status == "cancelled" and res.error is None:
+                res.error = "cancelled before start"
+                self._finish_host(res, None, None, None)
+
+    # -- one host -----------------------------------------------------------------------------
+    def _host(self, i: int) -> None:
+        res = self.results[i]
+        try:
+            self._run_host(self.targets[i], res)
+        except Exception as exc:  # never lose a host's row because of a bug: record it
+            res.status, res.error, res.error_kind = "failure", f"internal error: {exc!r}", "internal"
+            self._finish_host(res, None, None, None)
+        if self.on_host_done is not None:
+            self.on_host_done(res)
+
+    def _run_host(self, target: Target, res: HostResult) -> None:
+        if self.cancel.is_set():
+            res.status, res.error = "cancelled", "cancelled before start"
+            self._finish_host(res, None, None, None)
+            return
+        t0 = time.monotonic()
+        started = utcnow()
+        self.recorder.host_running(res.execution_id)
+        stdout, stderr = CappedBuffer(self.request.output_cap), CappedBuffer(self.request.output_cap)
+
+        def on_record(kind: str, ts: float, data: bytes) -> None:
+            (stdout if kind == "stdout" else stderr).add(data)
+            self.printer.feed(target.name, kind, data)
+
+        connected: datetime | None = None
+        run: HostRun | None = None
+        deployment: Deployment | None = None
+        try:
+            conn = open_connection(target.host, self.ssh)
+        except RemoteError as exc:
+            res.status = "unreachable"
+            res.error, res.error_kind = str(exc), exc.kind
+        else:
+            connected = utcnow()
+            try:
+                with self._helpers_for(conn, target, res, started) as api_header:
+                    if res.error is None:
+                        run = run_on_host(conn, self.runner, self._header(target, res, api_header),
+                                          self.payload.content.data, on_record=on_record, cancel=self.cancel,
+                                          watchdog_s=self.timeout + KILL_GRACE + WATCHDOG_MARGIN,
+                                          setup_timeout_s=self.settings.setup_timeout)
+                        _apply_run(res, run)
+                        if self.api is not None and res.helper_mode == "api":
+                            _merge_api_state(res, self.api.unregister(res.execution_id))
+            finally:
+                conn.close()
+            if run is not None and target.server_id is not None and run.error_kind not in (
+                    "python-missing", "python-too-old"):
+                deployment = Deployment(
+                    server_id=target.server_id, runner_version=__version__,
+                    runner_path=f"${{XDG_CACHE_HOME:-~/.cache}}/cronium/{runner_file_name(self.runner.sha256)}",
+                    checksum=self.runner.sha256, installed=run.runner_installed,
+                    ok=run.error_kind != "runner-install-failed")
+        self.printer.flush(target.name)
+        res.stdout, res.stderr = stdout.text(), stderr.text()
+        res.duration_ms = int((time.monotonic() - t0) * 1000)
+        self._finish_host(res, run, _phase_times(run, started, connected), deployment)
+
+    @contextmanager
+    def _helpers_for(self, conn: Any, target: Target, res: HostResult, started: datetime
+                     ) -> Iterator[dict[str, Any] | None]:
+        """API mode for this host: register the execution, open the remote forward, yield the
+        header's ``api`` part; in ``auto`` a refused forward falls back to bundled mode (noted)."""
+        api = self.api
+        if api is None:
+            res.helper_mode = "bundled"
+            yield None
+            return
+        token = api.register_execution(ExecutionContext(
+            execution_id=res.execution_id, job_id=self.ctx.job_id, event_id=self.event.id,
+            event_name=self.event.name, user_id=self.event.user_id, server_id=target.server_id,
+            server_name=target.name, input=self.ctx.input, trigger=self.trigger, started_at=started))
+        fwd = RemoteForward(conn, "127.0.0.1", api.port, name=target.name)
+        try:
+            fwd.open()
+        except RemoteError as exc:
+            api.unregister(res.execution_id)
+            if self.mode == "api":
+                res.status, res.error_kind = "failure", exc.kind
+                res.error = f"API mode needs SSH remote forwarding, which this host refused: {exc}"
+                res.helper_mode = "api"
+            else:
+                res.helper_mode = "bundled"
+                res.helper_mode_note = f"fell back to bundled mode: {exc}"
+                self.printer.message(f"{target.name}: {res.helper_mode_note}")
+            yield None
+            return
+        res.helper_mode = "api"
+        try:
+            yield {"endpoint": f"http://127.0.0.1:{fwd.remote_port}", "token": token}
+        finally:
+            fwd.close()
+            if res.helper_mode == "api":
+                api.unregister(res.execution_id)
+
+    def _header(self, target: Target, res: HostResult, api_header: dict[str, Any] | None) -> dict[str, Any]:
+        header: dict[str, Any] = {
+            "protocol": 1,
+            "payload_sha256": self.payload.content.sha256,
+            "payload_size": len(self.payload.content.data),
+            "manifest": self.payload.content.manifest,
+            "manifest_sha256": self.payload.content.manifest_sha256,
+            "job_id": self.ctx.job_id, "execution_id": res.execution_id, "event_id": self.event.id,
+            "event_name": self.event.name, "server_id": target.server_id, "server_name": target.name,
+            "user_id": self.event.user_id, "trigger": self.trigger,
+            "helper_mode": "api" if api_header else "bundled",
+            "env": self.event.env, "variables": self.variables, "input": self.ctx.input,
+            "timeout": self.timeout, "kill_grace": KILL_GRACE, "limits": {},
+            "output_cap": self.request.output_cap, "keep_workdir": self.request.keep_workdir,
+        }
+        if api_header:
+            header["api"] = api_header
+        return header
+
+    def _finish_host(self, res: HostResult, run: HostRun | None, phases: dict[str, datetime | None] | None,
+                     deployment: Deployment | None) -> None:
+        out_text = res.stdout + (("\n--- stderr ---\n" + res.stderr) if res.stderr else "")
+        self.recorder.host_finished(
+            res.execution_id, status=EXEC_STATUS[res.status], exit_code=res.exit_code, output=out_text,
+            error=res.error, phases=phases or {},
+            metadata={"runner_cached": res.runner_cached, "helper_mode": res.helper_mode,
+                      "helper_mode_note": res.helper_mode_note, "output": res.output,
+                      "condition": res.condition, "variables": res.variables, "signal": res.signal,
+                      "error_kind": res.error_kind},
+            user_id=self.event.user_id, variables=res.variables,
+            # API mode: the API stored every variable the moment the script set it; never twice
+            write_variables=res.helper_mode == "bundled",
+            deployment=deployment,
+        )
+
+
+def _merge_api_state(res: HostResult, state: HelperState) -> None:
+    """What the API served is the truth in API mode (the runner's local record is a copy)."""
+    if state.output_set:
+        res.output = state.output
+    if state.condition is not None:
+        res.condition = state.condition
+    if state.variables_set:
+        res.variables = {**res.variables, **state.variables_set}
 
 
 def _run_exit_code(results: list[HostResult]) -> int:
@@ -382,7 +574,10 @@ def _run_exit_code(results: list[HostResult]) -> int:
 def _log_output(results: list[HostResult]) -> str:
     parts = []
     for r in results:
-        parts.append(f"=== {r.name} ({r.host}): {r.status}" + (f" exit {r.exit_code}" if r.exit_code is not None else ""))
+        parts.append(f"=== {r.name} ({r.host}): {r.status}" + (f" exit {r.exit_code}" if r.exit_code is not None else "")
+                     + f" [helpers: {r.helper_mode}]")
+        if r.helper_mode_note:
+            parts.append(f"--- {r.helper_mode_note}")
         if r.stdout:
             parts.append(r.stdout.rstrip("\n"))
         if r.stderr:
@@ -398,120 +593,6 @@ def _job_result(result: RunResult) -> dict[str, Any]:
         h.pop("stdout", None)
         h.pop("stderr", None)
     return d
-
-
-def _run_hosts(settings: Settings, request: RunRequest, event: ResolvedEvent, targets: list[Target],
-               results: list[HostResult], variables: dict[str, Any], payload: VerifiedPayload,
-               runner: RunnerArtifact, recorder: RunRecorder, ctx: JobContext, printer: LivePrinter,
-               ssh: SSHSettings, timeout: float, cancel: threading.Event,
-               on_host_done: Callable[[HostResult], None] | None) -> None:
-    parallel = max(1, min(request.parallel or settings.parallel, len(targets)))
-
-    def one(i: int) -> HostResult:
-        target, res = targets[i], results[i]
-        try:
-            _run_one_host(settings, request, event, target, res, variables, payload, runner, recorder, ctx,
-                          printer, ssh, timeout, cancel)
-        except Exception as exc:  # never lose a host's row because of a bug: record it
-            res.status, res.error, res.error_kind = "failure", f"internal error: {exc!r}", "internal"
-            recorder.host_finished(res.execution_id, status="failed", exit_code=None, output="", error=res.error,
-                                   phases={}, metadata={}, user_id=event.user_id, variables={},
-                                   write_variables=False)
-        if on_host_done is not None:
-            on_host_done(res)
-        return res
-
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cronium-host") as pool:
-        pending: set[Future[HostResult]] = {pool.submit(one, i) for i in range(len(targets))}
-        while pending:
-            try:
-                _done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            except KeyboardInterrupt:
-                cancel.set()
-            if cancel.is_set():
-                for f in pending:
-                    f.cancel()  # hosts not started yet never start
-        # hosts whose future was cancelled before starting: terminal rows
-        for res in results:
-            if res.runner_cached is None and res.status == "cancelled" and res.error is None:
-                res.error = "cancelled before start"
-                recorder.host_finished(res.execution_id, status="cancelled", exit_code=None, output="",
-                                       error=res.error, phases={}, metadata={}, user_id=event.user_id,
-                                       variables={}, write_variables=False)
-
-
-EXEC_STATUS = {"success": "completed", "failure": "failed", "timeout": "timeout", "unreachable": "failed",
-               "cancelled": "cancelled"}
-
-
-def _run_one_host(settings: Settings, request: RunRequest, event: ResolvedEvent, target: Target,
-                  res: HostResult, variables: dict[str, Any], payload: VerifiedPayload,
-                  runner: RunnerArtifact, recorder: RunRecorder, ctx: JobContext, printer: LivePrinter,
-                  ssh: SSHSettings, timeout: float, cancel: threading.Event) -> None:
-    if cancel.is_set():
-        res.status, res.error = "cancelled", "cancelled before start"
-        recorder.host_finished(res.execution_id, status="cancelled", exit_code=None, output="", error=res.error,
-                               phases={}, metadata={}, user_id=event.user_id, variables={}, write_variables=False)
-        return
-    t0 = time.monotonic()
-    started = utcnow()
-    recorder.host_running(res.execution_id)
-    stdout, stderr = CappedBuffer(request.output_cap), CappedBuffer(request.output_cap)
-    connected: datetime | None = None
-    run: HostRun | None = None
-    deployment: Deployment | None = None
-
-    def on_record(kind: str, ts: float, data: bytes) -> None:
-        (stdout if kind == "stdout" else stderr).add(data)
-        printer.feed(target.name, kind, data)
-
-    try:
-        conn = open_connection(target.host, ssh)
-    except RemoteError as exc:
-        res.status = "unreachable"
-        res.error, res.error_kind = str(exc), exc.kind
-    else:
-        connected = utcnow()
-        try:
-            header = {
-                "protocol": 1,
-                "payload_sha256": payload.content.sha256,
-                "payload_size": len(payload.content.data),
-                "manifest": payload.content.manifest,
-                "manifest_sha256": payload.content.manifest_sha256,
-                "job_id": ctx.job_id, "execution_id": res.execution_id, "event_id": event.id,
-                "event_name": event.name, "server_id": target.server_id, "server_name": target.name,
-                "user_id": event.user_id, "trigger": "job" if request.job_id else "manual",
-                "helper_mode": "bundled",
-                "env": event.env, "variables": variables, "input": ctx.input,
-                "timeout": timeout, "kill_grace": KILL_GRACE, "limits": {},
-                "output_cap": request.output_cap, "keep_workdir": request.keep_workdir,
-            }
-            run = run_on_host(conn, runner, header, payload.content.data, on_record=on_record, cancel=cancel,
-                              watchdog_s=timeout + KILL_GRACE + WATCHDOG_MARGIN,
-                              setup_timeout_s=settings.setup_timeout)
-        finally:
-            conn.close()
-        _apply_run(res, run)
-        if target.server_id is not None and run.error_kind not in ("python-missing", "python-too-old"):
-            deployment = Deployment(
-                server_id=target.server_id, runner_version=__version__,
-                runner_path=f"${{XDG_CACHE_HOME:-~/.cache}}/cronium/{runner_file_name(runner.sha256)}",
-                checksum=runner.sha256, installed=run.runner_installed,
-                ok=run.error_kind != "runner-install-failed")
-    printer.flush(target.name)
-    res.stdout, res.stderr = stdout.text(), stderr.text()
-    res.duration_ms = int((time.monotonic() - t0) * 1000)
-    out_text = res.stdout + (("\n--- stderr ---\n" + res.stderr) if res.stderr else "")
-    recorder.host_finished(
-        res.execution_id, status=EXEC_STATUS[res.status], exit_code=res.exit_code, output=out_text,
-        error=res.error, phases=_phase_times(run, started, connected),
-        metadata={"runner_cached": res.runner_cached, "helper_mode": res.helper_mode, "output": res.output,
-                  "condition": res.condition, "variables": res.variables, "signal": res.signal,
-                  "error_kind": res.error_kind},
-        user_id=event.user_id, variables=res.variables, write_variables=res.helper_mode == "bundled",
-        deployment=deployment,
-    )
 
 
 def _apply_run(res: HostResult, run: HostRun) -> None:
@@ -534,14 +615,15 @@ def _apply_run(res: HostResult, run: HostRun) -> None:
 
 
 def summary_table(result: RunResult) -> str:
-    rows = [("HOST", "STATUS", "EXIT", "DURATION", "RUNNER")]
+    rows = [("HOST", "STATUS", "EXIT", "DURATION", "RUNNER", "HELPERS")]
     for h in result.hosts:
         cached = "-" if h.runner_cached is None else ("cached" if h.runner_cached else "installed")
         rows.append((h.name, h.status, "-" if h.exit_code is None else str(h.exit_code),
-                     f"{h.duration_ms / 1000:.2f}s", cached))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+                     f"{h.duration_ms / 1000:.2f}s", cached, h.helper_mode + ("*" if h.helper_mode_note else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     errors = [f"  {h.name}: {h.error}" for h in result.hosts if h.error]
+    errors += [f"  {h.name}: * {h.helper_mode_note}" for h in result.hosts if h.helper_mode_note]
     skipped = [f"  skipped {s['name']}: {s['reason']}" for s in result.skipped]
     tail = [f"{result.status}: {sum(h.status == 'success' for h in result.hosts)}/{len(result.hosts)} hosts "
             f"succeeded in {result.duration_ms / 1000:.2f}s (job {result.job_id}, log {result.log_id})"]

@@ -58,6 +58,7 @@ class Settings:
     connect_timeout: float = 10.0
     setup_timeout: float = 60.0
     keepalive: float = 5.0
+    api_secret: str | None = field(default=None, repr=False)  # HS256 secret for API-mode tokens
 
     @property
     def known_hosts(self) -> Path:
@@ -78,6 +79,7 @@ class Settings:
             parallel=int(os.environ.get("CRONIUM_FAB_PARALLEL") or 32),
             connect_timeout=_env_float("CRONIUM_FAB_CONNECT_TIMEOUT", 10.0),
             setup_timeout=_env_float("CRONIUM_FAB_SETUP_TIMEOUT", 60.0),
+            api_secret=os.environ.get("CRONIUM_FAB_API_SECRET") or None,
         )
         s.validate()
         return s
