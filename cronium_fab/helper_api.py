@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hmac
 import json
 import logging
 import secrets
@@ -123,6 +124,8 @@ class _Registration:
     ctx: ExecutionContext
     jti: str
     bucket: TokenBucket | None
+    token: str = ""
+    expires: float = 0.0
     write_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -456,10 +459,12 @@ class HelperAPI:
             ctx = replace(ctx, started_at=datetime.now(UTC))
         jti = uuid.uuid4().hex
         bucket = TokenBucket(self.rate_per_s, self.burst) if self.rate_per_s else None
+        token = self.issue_token(ctx, jti=jti, lifetime_s=lifetime_s)
+        expires = float(jwt.decode(token, options={"verify_signature": False})["exp"])
         with self._lock:
-            self._registrations[ctx.execution_id] = _Registration(ctx, jti, bucket)
+            self._registrations[ctx.execution_id] = _Registration(ctx, jti, bucket, token, expires)
             self._states.setdefault(ctx.execution_id, HelperState())
-        return self.issue_token(ctx, jti=jti, lifetime_s=lifetime_s)
+        return token
 
     def unregister(self, execution_id: str) -> HelperState:
         """Refuse further calls for the execution (401); returns what it set."""
@@ -515,7 +520,14 @@ class HelperAPI:
         if scheme.lower() != "bearer" or not token.strip():
             _fail(HTTPStatus.UNAUTHORIZED, "the Authorization header must be 'Bearer <token>'",
                   {"WWW-Authenticate": "Bearer"})
-        claims = self.verify_token(token.strip())
+        token = token.strip()
+        with self._lock:
+            reg = self._registrations.get(execution_id)
+        # fast path: the very token we issued for this registration (a JWT decode costs more than the DB read)
+        if reg is not None and hmac.compare_digest(token.encode(), reg.token.encode()) \
+                and time.time() <= reg.expires + self.leeway_s:
+            return reg
+        claims = self.verify_token(token)
         if claims["executionId"] != execution_id:
             _fail(HTTPStatus.FORBIDDEN, "the token is for another execution")
         with self._lock:

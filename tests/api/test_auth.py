@@ -199,3 +199,10 @@ def test_random_secret_differs_per_api(setup: Setup) -> None:
             assert c.call("GET", setup.path(setup.exec_a, "input"), token).status == 200
         finally:
             c.close()
+
+
+def test_the_issued_token_itself_expires(setup: Setup) -> None:
+    token = setup.api.register_execution(context(setup.exec_a, setup.job_id, setup.event_id, setup.user_id),
+                                         lifetime_s=-60)
+    r = setup.client.call("GET", setup.path(setup.exec_a, "input"), token)
+    assert r.status == 401 and "expired" in r.body["message"]
