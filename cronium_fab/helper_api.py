@@ -386,8 +386,8 @@ class HelperAPI:
     """
 
     def __init__(self, db: Database, *, secret: str | bytes | None = None, issuer: str = ISSUER,
-                 lifetime_s: float = 3600.0, leeway_s: float = 30.0, rate_per_s: float | None = 200.0,
-                 burst: int = 400, max_body_bytes: int = 1 << 20, socket_timeout_s: float = 30.0,
+                 lifetime_s: float = 3600.0, leeway_s: float = 30.0, rate_per_s: float | None = 1000.0,
+                 burst: int = 2000, max_body_bytes: int = 1 << 20, socket_timeout_s: float = 30.0,
                  max_connections: int = 256) -> None:
         self.db = db
         if isinstance(secret, str):
