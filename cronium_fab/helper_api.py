@@ -467,9 +467,12 @@ class HelperAPI:
         return token
 
     def unregister(self, execution_id: str) -> HelperState:
-        """Refuse further calls for the execution (401); returns what it set."""
+        """Refuse further calls for the execution (401); returns what it set, after any write in flight."""
         with self._lock:
-            self._registrations.pop(execution_id, None)
+            reg = self._registrations.pop(execution_id, None)
+        if reg is not None:
+            with reg.write_lock:  # a write already past its checks finishes and is in the returned state
+                pass
         return self.state(execution_id)
 
     def state(self, execution_id: str) -> HelperState:
@@ -606,6 +609,10 @@ class HelperAPI:
         """Store, then remember, under the execution's write lock: the in-memory state then always
         agrees with the last of this execution's writes that reached the database."""
         with reg.write_lock:
+            with self._lock:
+                live = self._registrations.get(reg.ctx.execution_id) is reg
+            if not live:  # unregistered (or registered again) while this request waited
+                _fail(HTTPStatus.UNAUTHORIZED, "execution is not running", {"WWW-Authenticate": "Bearer"})
             for attempt in range(5):
                 try:
                     if self._sqlite_writes is not None:

@@ -106,3 +106,54 @@ def test_a_database_failure_is_500_without_details(setup: Setup, caplog: pytest.
     assert "private-output" not in caplog.text
     assert setup.api.state(setup.exec_b).output_set is False
     assert setup.client.call("GET", "/health").status == 200
+
+
+def test_unregister_waits_for_a_write_in_flight(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cronium_fab import records
+
+    original = records.set_variable
+    entered = threading.Event()
+
+    def slow_set_variable(*args: object, **kwargs: object) -> None:
+        entered.set()
+        time.sleep(0.3)
+        original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(records, "set_variable", slow_set_variable)
+    codes: list[int] = []
+    t = threading.Thread(target=lambda: codes.append(setup.client.call(
+        "PUT", setup.path(setup.exec_a, "variables/late"), setup.token_a, {"value": "kept"}).status))
+    t.start()
+    assert entered.wait(5)
+    final = setup.api.unregister(setup.exec_a)
+    t.join(5)
+    assert codes == [200] and final.variables_set == {"late": "kept"}
+
+
+def test_write_queued_behind_unregister_is_refused(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cronium_fab.helper_api import HelperAPI as API
+
+    original = API._authorize
+    gate = threading.Event()
+
+    def authorize_then_wait(self: API, authorization: str | None, execution_id: str):  # type: ignore[no-untyped-def]
+        reg = original(self, authorization, execution_id)
+        gate.wait(5)
+        return reg
+
+    monkeypatch.setattr(API, "_authorize", authorize_then_wait)
+    codes: list[int] = []
+    t = threading.Thread(target=lambda: codes.append(setup.client.call(
+        "PUT", setup.path(setup.exec_a, "variables/late"), setup.token_a, {"value": "dropped"}).status))
+    t.start()
+    time.sleep(0.2)
+    final = setup.api.unregister(setup.exec_a)
+    gate.set()
+    t.join(5)
+    assert codes == [401] and final.variables_set == {}
+    from sqlalchemy import select
+
+    from cronium_fab.db.models import UserVariable
+
+    with setup.db.session() as s:
+        assert s.scalars(select(UserVariable).where(UserVariable.key == "late")).first() is None
