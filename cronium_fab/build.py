@@ -13,6 +13,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fsutil import atomic_write
+
 RUNNER_NAME = "cronium-runner.pyz"
 SHEBANG = b"#!/usr/bin/env python3\n"
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
@@ -63,7 +65,7 @@ def sha256_file(path: Path) -> str:
 def write_checksum_file(path: Path, digest: str) -> Path:
     """Write ``<file>.sha256`` holding ``<hex>  <basename>\\n`` (sha256sum format)."""
     out = path.with_name(path.name + ".sha256")
-    _atomic_write(out, f"{digest}  {path.name}\n".encode(), 0o644)
+    atomic_write(out, f"{digest}  {path.name}\n".encode(), 0o644)
     return out
 
 
@@ -71,20 +73,7 @@ def build_runner(src: Path, dist: Path) -> RunnerArtifact:
     data = build_runner_bytes(src)
     dist.mkdir(parents=True, exist_ok=True)
     out = dist / RUNNER_NAME
-    _atomic_write(out, data, 0o755)
+    atomic_write(out, data, 0o755)
     digest = hashlib.sha256(data).hexdigest()
     write_checksum_file(out, digest)
     return RunnerArtifact(out, digest, len(data))
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from .db.engine import Database
 from .db.models import Event, RunnerPayload, utcnow
 from .db.queries import SCRIPT_TYPES, check_script_event, get_event
+from .fsutil import atomic_write
 from .signing import (
     SignatureInvalid,
     fingerprint,
@@ -116,6 +117,14 @@ def content_for_event(event: Event) -> PayloadContent:
     return build_payload_content(event.id, event.type, event.content or "")
 
 
+def active_payload_row(session: Session, event_id: int) -> RunnerPayload | None:
+    return session.scalars(
+        select(RunnerPayload)
+        .where(RunnerPayload.event_id == event_id, RunnerPayload.is_active.is_(True))
+        .order_by(RunnerPayload.id.desc())
+    ).first()
+
+
 def payload_filename(event_id: int, version: int) -> str:
     return f"event-{event_id}-v{version}.tar.gz"
 
@@ -142,17 +151,6 @@ class PayloadStore:
     def _ensure_dir(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.directory, 0o700)
-
-    def _write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     @staticmethod
     def _siblings(path: Path) -> list[Path]:
@@ -205,10 +203,10 @@ class PayloadStore:
                 self._ensure_dir()
                 path = (self.directory / payload_filename(event_id, version)).resolve()
                 sha_path = path.with_name(path.name + ".sha256")
-                self._write(path, content.data)
+                atomic_write(path, content.data)
                 written.append(path)
-                self._write(sha_path, f"{content.sha256}  {path.name}\n".encode())
-                self._write(path.with_name(path.name + ".sig"), sign_bytes(content.data, key) + b"\n")
+                atomic_write(sha_path, f"{content.sha256}  {path.name}\n".encode())
+                atomic_write(path.with_name(path.name + ".sig"), sign_bytes(content.data, key) + b"\n")
                 s.execute(
                     update(RunnerPayload).where(RunnerPayload.event_id == event_id).values(is_active=False)
                 )
@@ -240,11 +238,7 @@ class PayloadStore:
     def is_stale(self, session: Session, event_id: int) -> bool:
         """True when the event has no active payload, or its script/type changed since it was built."""
         event = get_event(session, event_id)
-        active = session.scalars(
-            select(RunnerPayload)
-            .where(RunnerPayload.event_id == event_id, RunnerPayload.is_active.is_(True))
-            .order_by(RunnerPayload.id.desc())
-        ).first()
+        active = active_payload_row(session, event_id)
         if active is None:
             return True
         return active.checksum != content_for_event(event).sha256 or not Path(active.payload_path).exists()
@@ -259,11 +253,7 @@ class PayloadStore:
             rebuilt = True
         with self.db.session() as s:
             event = get_event(s, event_id)
-            row = s.scalars(
-                select(RunnerPayload)
-                .where(RunnerPayload.event_id == event_id, RunnerPayload.is_active.is_(True))
-                .order_by(RunnerPayload.id.desc())
-            ).first()
+            row = active_payload_row(s, event_id)
             assert row is not None
             expected = content_for_event(event)
         path = Path(row.payload_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .errors import ConfigError, CroniumFabError
+from .fsutil import atomic_write
 
 
 class SigningKeyError(ConfigError):
@@ -52,22 +52,9 @@ def generate_keypair(key_path: Path, pub_path: Path, passphrase: bytes | None = 
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     pub_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_private(key_path, pem, 0o600)
-    _write_private(pub_path, pub, 0o644)
+    atomic_write(key_path, pem, 0o600)
+    atomic_write(pub_path, pub, 0o644)
     return fingerprint(key.public_key())
-
-
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_private_key(path: Path, passphrase: bytes | None = None) -> ec.EllipticCurvePrivateKey:
@@ -117,7 +104,7 @@ def sig_path_for(path: Path) -> Path:
 
 def sign_file(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
     sig = sig_path_for(path)
-    _write_private(sig, sign_bytes(path.read_bytes(), key) + b"\n", 0o644)
+    atomic_write(sig, sign_bytes(path.read_bytes(), key) + b"\n", 0o644)
     return sig
 
 

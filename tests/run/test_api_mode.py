@@ -14,6 +14,7 @@ from sqlalchemy import select
 from cronium_fab.db.models import Execution, UserVariable
 from cronium_fab.execute import RunRequest, RunResult, run_event
 from tests.factories import add_event
+from tests.procs import watch_argv
 from tests.run.conftest import Fleet
 
 pytestmark = pytest.mark.ssh
@@ -130,29 +131,8 @@ def test_token_never_in_remote_argv(fleet: Fleet, ssh_hosts) -> None:  # type: i
     (host,) = ssh_hosts(1)
     ev = fleet.event([host], "import time\nfor _ in range(15):\n    cronium.getVariable('x')\n    time.sleep(0.1)",
                      type="PYTHON")
-    found: list[str] = []
-    stop = threading.Event()
-
-    def scan() -> None:
-        while not stop.is_set():
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        with open(f"/proc/{entry}/cmdline", "rb") as f:
-                            cmd = f.read()
-                    except OSError:
-                        continue
-                    if b"eyJ" in cmd:  # every JWT starts with base64('{"')
-                        found.append(cmd.decode(errors="replace")[:200])
-            time.sleep(0.02)
-
-    t = threading.Thread(target=scan)
-    t.start()
-    try:
+    with watch_argv("eyJ") as found:  # every JWT starts with base64('{"')
         result = _run(fleet, ev)
-    finally:
-        stop.set()
-        t.join()
     assert result.status == "SUCCESS" and result.hosts[0].helper_mode == "api"
     assert found == []
     assert "eyJ" not in json.dumps(result.to_dict())

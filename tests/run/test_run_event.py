@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from sqlalchemy import select
 from cronium_fab.db.models import Event, Execution, Job, Log, RunnerDeployment, UserVariable
 from cronium_fab.execute import RunRequest, run_event
 from cronium_fab.records import new_job_id
+from tests.procs import procs_with, watch_argv
 from tests.run.conftest import ROOT, Fleet
 
 pytestmark = pytest.mark.ssh
@@ -24,19 +24,6 @@ pytestmark = pytest.mark.ssh
 
 def _run(fleet: Fleet, event_id: int, **kw: object):  # type: ignore[no-untyped-def]
     return run_event(fleet.settings, RunRequest(event_id=event_id, **kw), out=None)  # type: ignore[arg-type]
-
-
-def _procs_with(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return [p for p in pids if p != os.getpid()]
 
 
 def test_cold_then_warm_run_sends_runner_once(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
@@ -138,9 +125,9 @@ def test_timeout_kills_the_remote_tree(fleet: Fleet, ssh_hosts) -> None:  # type
     assert result.status == "TIMEOUT" and result.exit_code == 4
     assert result.hosts[0].status == "timeout"
     deadline = time.monotonic() + 10
-    while _procs_with(marker) and time.monotonic() < deadline:
+    while procs_with(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _procs_with(marker) == []
+    assert procs_with(marker) == []
 
 
 def test_variables_set_on_hosts_are_stored(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
@@ -194,24 +181,8 @@ def test_secrets_never_in_remote_argv_json_or_logs(fleet: Fleet, ssh_hosts) -> N
     secret = f"s3cr3t-{time.monotonic_ns()}"
     ev = fleet.event([host], 'test "$API_TOKEN" = "${API_TOKEN}" && sleep 1.5 && echo done',
                      env={"API_TOKEN": secret})
-    seen: list[str] = []
-    stop = threading.Event()
-
-    def scan() -> None:
-        while not stop.is_set():
-            for pid in _procs_with(secret):
-                seen.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
-            for pid in _procs_with("OPENSSH PRIVATE KEY"):
-                seen.append(f"private key in argv of pid {pid}")
-            time.sleep(0.05)
-
-    t = threading.Thread(target=scan)
-    t.start()
-    try:
+    with watch_argv(secret, "OPENSSH PRIVATE KEY") as seen:
         result = _run(fleet, ev)
-    finally:
-        stop.set()
-        t.join()
     assert result.status == "SUCCESS" and result.hosts[0].stdout == "done\n"
     assert seen == []
     assert secret not in json.dumps(result.to_dict())
@@ -266,9 +237,9 @@ def test_ctrl_c_cancels_remote_script_and_records_cancelled(fleet: Fleet, ssh_ho
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 5, rest
     deadline = time.monotonic() + 5
-    while _procs_with(marker) and time.monotonic() < deadline:
+    while procs_with(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _procs_with(marker) == []
+    assert procs_with(marker) == []
     with fleet.db.session() as s:
         assert s.scalars(select(Execution)).one().status == "cancelled"
         assert s.scalars(select(Job)).one().status == "cancelled"
