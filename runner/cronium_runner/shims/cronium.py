@@ -54,29 +54,63 @@ def _endpoint():
     return (os.environ.get("CRONIUM_RUNTIME_API") or os.environ.get("CRONIUM_API_ENDPOINT") or "").rstrip("/")
 
 
+_conn = None  # one keep-alive HTTP/1.1 connection per process: each new one costs an SSH channel open
+
+
+def _connection():
+    global _conn
+    if _conn is None:
+        import http.client
+        import urllib.parse
+        u = urllib.parse.urlsplit(_endpoint())
+        _conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80,
+                                           timeout=float(os.environ.get("CRONIUM_API_TIMEOUT", "30")))
+        _conn.connect()
+        import socket
+        _conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return _conn
+
+
+def _drop_connection():
+    global _conn
+    if _conn is not None:
+        _conn.close()
+        _conn = None
+
+
 def _api(method, path, body=_MISSING, allow_404=False):
-    import urllib.error
+    import http.client
     import urllib.parse
-    import urllib.request
     token = os.environ.get("CRONIUM_EXECUTION_TOKEN") or os.environ.get("CRONIUM_API_TOKEN") or ""
     exe = os.environ.get("CRONIUM_EXECUTION_ID") or ""
-    url = "%s/executions/%s/%s" % (_endpoint(), urllib.parse.quote(exe, safe=""), path)
+    base = urllib.parse.urlsplit(_endpoint()).path.rstrip("/")
+    url = "%s/executions/%s/%s" % (base, urllib.parse.quote(exe, safe=""), path)
     data = None if body is _MISSING else json.dumps(body).encode("utf-8")
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Authorization", "Bearer " + token)
-    req.add_header("Accept", "application/json")
+    headers = {"Authorization": "Bearer " + token, "Accept": "application/json"}
     if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=float(os.environ.get("CRONIUM_API_TIMEOUT", "30"))) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as e:
-        if allow_404 and e.code == 404:
-            return None
-        detail = e.read()[:300].decode("utf-8", "replace")
-        raise RuntimeError("cronium API %s %s failed: HTTP %d %s" % (method, path, e.code, detail))
-    except (OSError, ValueError) as e:
-        raise RuntimeError("cronium API %s %s failed: %s" % (method, path, e))
+        headers["Content-Type"] = "application/json"
+    for attempt in (0, 1):
+        reused = _conn is not None
+        try:
+            conn = _connection()
+            conn.request(method, url, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw, status = resp.read(), resp.status
+            if resp.will_close:
+                _drop_connection()
+            break
+        except (http.client.HTTPException, OSError, ValueError) as e:
+            _drop_connection()
+            # a kept-alive connection the server closed meanwhile: reconnect once
+            if attempt == 0 and reused and isinstance(e, (http.client.RemoteDisconnected, ConnectionError,
+                                                          http.client.CannotSendRequest)):
+                continue
+            raise RuntimeError("cronium API %s %s failed: %s" % (method, path, e))
+    if status == 404 and allow_404:
+        return None
+    if status >= 400:
+        detail = raw[:300].decode("utf-8", "replace")
+        raise RuntimeError("cronium API %s %s failed: HTTP %d %s" % (method, path, status, detail))
     try:
         return json.loads(raw.decode("utf-8")) if raw else None
     except ValueError:
