@@ -332,7 +332,8 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _reply(self, status: HTTPStatus, doc: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> None:
-        if not self._body_read and self.headers.get("Content-Length") not in (None, "0"):
+        unread = not self._body_read and self.headers.get("Content-Length") not in (None, "0")
+        if unread:
             self.close_connection = True  # an unread body would be parsed as the next request
         data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         self.send_response(status)
@@ -346,6 +347,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+        if unread:
+            self._lingering_close()
+
+    def _lingering_close(self) -> None:
+        """Let a client still sending its (refused) body finish and read our answer: closing with
+        unread bytes makes the kernel send a reset, and the client would see that instead of the 413."""
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 2.0
+            budget = 2 * self.server.api.max_body_bytes + (1 << 16)
+            self.connection.settimeout(0.5)
+            while budget > 0 and time.monotonic() < deadline:
+                chunk = self.connection.recv(1 << 16)
+                if not chunk:
+                    break
+                budget -= len(chunk)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The stdlib's own errors (bad request line, oversized headers, unknown method) in our JSON shape."""
