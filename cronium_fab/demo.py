@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 from pathlib import Path
 
@@ -19,12 +20,14 @@ import yaml
 from .db.engine import Database
 from .db.queries import user_variables
 from .devhosts import start_hosts, stop_from_state
+from .errors import CroniumFabError
 from .execute import RunRequest, run_event
 from .registry import load_inventory
 from .remote.known_hosts import KnownHostsStore, host_entry_name
 from .settings import Settings
 
 DEMO_DIR = Path(".demo")
+DATA_DIR = DEMO_DIR / "data"
 HOSTS = 3
 
 DEMO_SCRIPT = '''\
@@ -61,6 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop:
         print(f"stopped {stopped} demo host(s)")
         return 0
+    try:
+        return _demo(hosts_dir)
+    except CroniumFabError as exc:
+        print(f"make demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _demo(hosts_dir: Path) -> int:
+    # The demo's embedded database and known_hosts live in this checkout (.demo/data), so a demo
+    # never mixes with your own registrations, nor with another checkout's signing keys.
+    if not os.environ.get("CRONIUM_FAB_DATA_DIR"):
+        os.environ["CRONIUM_FAB_DATA_DIR"] = str(DATA_DIR.resolve())
     settings = Settings.from_env()
     print(f"== starting {HOSTS} local sshd hosts", file=sys.stderr)
     pool = start_hosts(HOSTS, hosts_dir, detach=True)
@@ -91,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in sorted(stored.items()):
         print(f"   {k} = {v!r}", file=sys.stderr)
     print(
-        f"\nRun it again:  .venv/bin/cronium-fab run-event --id {event_id}   (add --json for the JSON result)\n"
+        f"\nRun it again:  CRONIUM_FAB_DATA_DIR={DATA_DIR} .venv/bin/cronium-fab run-event --id {event_id}"
+        "   (--json for the JSON result, --helper-mode bundled|api)\n"
         "Stop the hosts: make demo-stop",
         file=sys.stderr,
     )
