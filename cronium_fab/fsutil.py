@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -12,7 +13,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     The temp file is created 0600 (never readable by others, even for a moment) and gets ``mode``
     just before the rename; on any error it is removed and ``path`` is untouched.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")  # unique per writer thread
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:

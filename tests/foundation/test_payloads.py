@@ -138,3 +138,29 @@ def test_payload_build_command(db: Database, settings: Settings, tmp_path: Path)
     out = subprocess.run([sys.executable, "-m", "cronium_fab", "payload-build", "--event", "9999"],
                          env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "event 9999 not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_concurrent_builds_of_one_event_give_one_payload(store: PayloadStore, db: Database) -> None:
+    import threading
+
+    ev = add_event(db, content="echo concurrent")
+    results, errors = [], []
+
+    def build() -> None:
+        try:
+            results.append(store.build(ev))
+        except Exception as exc:  # pragma: no cover - the assertion below shows it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert {(r.version, r.sha256) for r in results} == {(1, results[0].sha256)}
+    with db.session() as s:
+        rows = s.scalars(select(RunnerPayload)).all()
+    assert [r.is_active for r in rows] == [True]
+    assert sorted(p.name for p in results[0].path.parent.iterdir()) == [
+        f"event-{ev}-v1.tar.gz", f"event-{ev}-v1.tar.gz.sha256", f"event-{ev}-v1.tar.gz.sig"]

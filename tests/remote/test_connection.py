@@ -22,21 +22,12 @@ from cronium_fab.remote import (
     open_connection,
     record_host_key,
 )
+from tests.remote.conftest import host_target
 
 pytestmark = pytest.mark.ssh
 
 
-def target(host: DevHost, **kw: object) -> HostTarget:
-    args: dict[str, object] = {
-        "name": host.name,
-        "host": host.address,
-        "port": host.port,
-        "user": host.user,
-        "private_key": host.private_key_text,
-        "use_ssh_config": False,
-    }
-    args.update(kw)
-    return HostTarget(**args)  # type: ignore[arg-type]
+target = host_target
 
 
 def settings(tmp_path: Path, policy: str = "strict", **kw: object) -> SSHSettings:
