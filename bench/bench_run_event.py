@@ -76,6 +76,22 @@ def setup(work: Path, hosts: list[DevHost]) -> tuple[Settings, int, Path]:
     return settings, event, ssh_known
 
 
+def host_phases(settings: Settings) -> tuple[float, float]:
+    """Median setup and execution milliseconds of the hosts of the last run (executions rows)."""
+    from sqlalchemy import select
+
+    from cronium_fab.db.models import Execution
+
+    db = Database(settings.database_url)
+    with db.session() as s:
+        last_job = s.scalars(select(Execution.job_id).order_by(Execution.created_at.desc())).first()
+        rows = s.scalars(select(Execution).where(Execution.job_id == last_job)).all()
+        out = (statistics.median(r.setup_duration or 0 for r in rows),
+               statistics.median(r.execution_duration or 0 for r in rows))
+    db.dispose()
+    return out
+
+
 def cli_env(settings: Settings) -> dict[str, str]:
     import os
 
@@ -125,6 +141,7 @@ def main() -> None:
             print(f"  interpreter start-up           {bare:.3f}")
             print(f"  + imports (sqlalchemy, fabric)  {imp - bare:.3f}")
             rows = []
+            phases: list[tuple[float, ...]] = []
             for n in sizes:
                 hosts = all_hosts[:n]
                 sub = work / f"n{n}"
@@ -144,16 +161,19 @@ def main() -> None:
                                       args.reps)
                 t_fab = median_of(lambda: timed([py, "-c", FABRIC_PROGRAM, *fabric_args(hosts)]), args.reps)  # noqa: B023
 
+                cpu: dict[str, list[float]] = {"lib": [], "tg": []}
+
                 def lib_run() -> float:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     r = run_event(settings, RunRequest(event_id=event), out=None)  # noqa: B023
                     assert r.status == "SUCCESS", r.to_dict()
+                    cpu["lib"].append(time.process_time() - c0)  # noqa: B023
                     return time.perf_counter() - t0
 
                 import fabric
 
                 def lib_fab() -> float:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     g = fabric.ThreadingGroup.from_connections([
                         fabric.Connection(h.address, user=h.user, port=h.port,
                                           connect_kwargs={"key_filename": [str(h.private_key_path)],
@@ -161,16 +181,24 @@ def main() -> None:
                         for h in hosts])  # noqa: B023
                     g.run("true", hide=True, in_stream=False)
                     g.close()
+                    cpu["tg"].append(time.process_time() - c0)  # noqa: B023
                     return time.perf_counter() - t0
 
                 t_lib = median_of(lib_run, args.reps)
                 t_libfab = median_of(lib_fab, args.reps)
                 rows.append((n, t_cli, t_ssh, t_fab, t_lib, t_libfab))
+                phases.append((n, statistics.median(cpu["lib"]), statistics.median(cpu["tg"]),
+                               *host_phases(settings)))
             print("\n hosts | cronium-fab CLI | ssh (xargs -P) | fabric program | ratio vs ssh | ratio vs fabric "
                   "| run_event() lib | ThreadingGroup lib | lib ratio")
             for n, t_cli, t_ssh, t_fab, t_lib, t_libfab in rows:
                 print(f" {n:5d} | {t_cli:15.3f} | {t_ssh:14.3f} | {t_fab:14.3f} | {t_cli / t_ssh:11.2f}x | "
                       f"{t_cli / t_fab:14.2f}x | {t_lib:15.3f} | {t_libfab:18.3f} | {t_lib / t_libfab:8.2f}x")
+            print("\n where a library run's time goes (medians): controller CPU of run_event() vs ThreadingGroup,")
+            print(" and per host: set-up (connect + bootstrap until the runner answers) and script execution")
+            print(" hosts | controller CPU run_event | controller CPU ThreadingGroup | host set-up | host execution")
+            for n, c_lib, c_tg, setup_ms, exec_ms in phases:
+                print(f" {n:5d} | {c_lib:24.3f} | {c_tg:29.3f} | {setup_ms / 1000:11.3f} | {exec_ms / 1000:14.3f}")
         finally:
             pool.stop()
 
