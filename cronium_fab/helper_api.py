@@ -611,8 +611,7 @@ class HelperAPI:
         raise AssertionError(route)  # pragma: no cover: ROUTES and this method disagree
 
     def _get_variable(self, ctx: ExecutionContext, key: str) -> tuple[HTTPStatus, dict[str, Any]]:
-        with self.db.session() as s:
-            text = records.get_variable(s, ctx.user_id, key)
+        text = records.read_variable(self.db, ctx.user_id, key)
         if text is None:
             _fail(HTTPStatus.NOT_FOUND, "no such variable")
         return HTTPStatus.OK, {"success": True, "data": {"key": key, "value": decode_variable(text)}}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -66,10 +66,20 @@ def set_variable(session: Session, user_id: str, key: str, value: Any) -> None:
     row.updated_at = utcnow()
 
 
-def get_variable(session: Session, user_id: str, key: str) -> str | None:
-    return session.scalars(
-        select(UserVariable.value).where(UserVariable.user_id == user_id, UserVariable.key == key)
-    ).first()
+_GET_VARIABLE = select(UserVariable.value).where(
+    UserVariable.user_id == bindparam("user_id"), UserVariable.key == bindparam("key")
+)
+
+
+def get_variable(session: Session | Connection, user_id: str, key: str) -> str | None:
+    """The stored text of one of the user's variables (a Session, or a plain Connection for speed)."""
+    return session.execute(_GET_VARIABLE, {"user_id": user_id, "key": key}).scalar()
+
+
+def read_variable(db: Database, user_id: str, key: str) -> str | None:
+    """``get_variable`` on a pooled connection without an ORM session (the API's hot path)."""
+    with db.engine.connect() as conn:
+        return get_variable(conn, user_id, key)
 
 
 def set_output(session: Session, execution_id: str, data: Any) -> None:
