@@ -244,3 +244,23 @@ def test_ctrl_c_cancels_remote_script_and_records_cancelled(fleet: Fleet, ssh_ho
         assert s.scalars(select(Execution)).one().status == "cancelled"
         assert s.scalars(select(Job)).one().status == "cancelled"
         assert s.scalars(select(Log)).one().status == "FAILURE"
+
+
+def test_tampered_local_runner_is_refused_before_anything_is_written(fleet: Fleet, ssh_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from cronium_fab.signing import SignatureInvalid
+
+    (host,) = ssh_hosts(1)
+    ev = fleet.event([host], "echo never")
+    bad = tmp_path / "dist" / "cronium-runner.pyz"
+    bad.parent.mkdir()
+    shutil.copy(fleet.settings.runner_path, bad)
+    shutil.copy(str(fleet.settings.runner_path) + ".sig", str(bad) + ".sig")
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    bad.write_bytes(bytes(data))
+    with pytest.raises(SignatureInvalid, match="cronium-runner.pyz"):
+        run_event(fleet.settings.with_(runner_path=bad), RunRequest(event_id=ev), out=None)
+    with fleet.db.session() as s:
+        assert s.scalars(select(Job)).all() == [] and s.scalars(select(Execution)).all() == []
