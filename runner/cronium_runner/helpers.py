@@ -1,7 +1,6 @@
 """Installs the runtime helpers into the run's private ``.cronium/`` dir and reads back what the script set."""
 import json
 import os
-import pkgutil
 import shlex
 import sys
 
@@ -29,7 +28,17 @@ del _b, _c, _chain
 
 
 def _data(name):
-    return pkgutil.get_data(__package__, "shims/" + name)
+    # The module's loader reads from the archive (zipimporter) or the source tree; pkgutil would
+    # do the same but costs ~10 ms of imports at every run.
+    loader = globals().get("__loader__")
+    path = os.path.join(os.path.dirname(__file__), "shims", name)
+    if loader is not None and hasattr(loader, "get_data"):
+        try:
+            return loader.get_data(path)
+        except OSError:
+            pass
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _write(path, data, mode=0o600):
