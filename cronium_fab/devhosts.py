@@ -328,7 +328,8 @@ class DevHostPool:
         _ensure_privsep_dir()
         self._detach = self._detach or detach
         sftp = _sftp_server()
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.base_dir, 0o700)  # host dirs hold private keys
         pw_user = pw = None
         if password:
             pw_user, pw = self._password_user()
@@ -507,9 +508,12 @@ class DevHostPool:
             self.stop()
 
     def write_state(self) -> Path:
+        """The hosts' description, private key text included: 0600 in the 0700 base directory."""
         path = self.base_dir / STATE_FILE
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"hosts": [h.to_json() for h in self.hosts], "users": self._users}, indent=2))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"hosts": [h.to_json() for h in self.hosts], "users": self._users}, indent=2))
         os.replace(tmp, path)
         return path
 
@@ -558,6 +562,8 @@ def stop_from_state(base_dir: Path | str) -> int:
     for user in data.get("users", []):
         subprocess.run(["userdel", user], capture_output=True)
     path.unlink()
+    for h in data["hosts"]:  # their keys and caches go with them
+        shutil.rmtree(h["dir"], ignore_errors=True)
     return stopped
 
 

@@ -53,9 +53,13 @@ def test_detached_hosts_survive_in_state_and_stop_from_state(tmp_path):
     hosts = load_state(tmp_path)
     assert [(h.name, h.port, h.pid) for h in hosts] == [(h.name, h.port, h.pid) for h in pool.hosts]
     assert len(running(hosts)) == 2
+    # the state file holds private key text: never readable by other users
+    assert (tmp_path / "devhosts.json").stat().st_mode & 0o777 == 0o600
+    assert tmp_path.stat().st_mode & 0o777 == 0o700
     assert stop_from_state(tmp_path) == 2
     assert running(hosts) == []
     assert load_state(tmp_path) == []
+    assert not any(h.dir.exists() for h in hosts)
 
 
 def test_missing_sshd_says_what_to_install(monkeypatch):
