@@ -40,12 +40,36 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .remote.errors import RemoteError
+
         try:
             return fn(*args, **kwargs)
         except CroniumFabError as exc:
             raise Exit(f"cronium-fab: error: {exc}", code=exc.exit_code) from None
+        except RemoteError as exc:
+            raise Exit(f"cronium-fab: error: {exc}", code=EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _positive_int(flag: str, value: str | None) -> int:
+    if value is None or not str(value).strip().isdigit() or int(value) < 1:
+        raise Exit(f"cronium-fab: error: {flag} needs an event id (a positive integer), got {value!r}; "
+                   "`cronium-fab events` lists them", code=EXIT_USAGE)
+    return int(value)
+
+
+def _seconds(flag: str, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise Exit(f"cronium-fab: error: {flag} needs a number of seconds greater than 0, got {value!r}",
+                   code=EXIT_USAGE)
+    return seconds
 
 
 def _settings() -> Settings:
@@ -105,11 +129,12 @@ def load(c: Any, file: str) -> None:
 
 @task(name="payload-build", help={"event": "event id"})
 @user_errors
-def payload_build(c: Any, event: int) -> None:
+def payload_build(c: Any, event: str | None = None) -> None:
     """Build, sign and store an event's payload (what Cronium calls when an event is saved)."""
+    event_id = _positive_int("--event", event)
     settings = _settings()
     db = _database(settings)
-    built = payload_store(settings, db).build(int(event))
+    built = payload_store(settings, db).build(event_id)
     print(
         json.dumps(
             {
@@ -154,7 +179,7 @@ def events(c: Any) -> None:
         "helper_mode": "auto | api | bundled (default auto, env CRONIUM_FAB_HELPER_MODE)",
         "host_key_policy": "strict (unknown hosts refused) | accept-new (first key recorded)",
         "input": "JSON given to cronium.input() (hand runs)",
-        "timeout": "override the event's timeout, in seconds",
+        "timeout": "override the event's timeout: seconds (> 0)",
         "keep_workdir": "keep the remote work directory (debugging)",
         "quiet": "no live output, only the summary",
     },
@@ -162,7 +187,7 @@ def events(c: Any) -> None:
 @user_errors
 def run_event(
     c: Any,
-    id: int,  # noqa: A002 - the CLI flag is --id
+    id: str | None = None,  # noqa: A002 - the CLI flag is --id
     json: bool = False,  # noqa: A002
     job: str | None = None,
     hosts: str | None = None,
@@ -170,7 +195,7 @@ def run_event(
     helper_mode: str | None = None,
     host_key_policy: str | None = None,
     input: str | None = None,  # noqa: A002
-    timeout: float = 0.0,
+    timeout: str | None = None,
     keep_workdir: bool = False,
     quiet: bool = False,
 ) -> None:
@@ -195,11 +220,11 @@ def run_event(
     except ValueError as exc:
         raise Exit(f"cronium-fab: error: --input is not valid JSON: {exc}", code=EXIT_USAGE) from None
     request = RunRequest(
-        event_id=int(id),
+        event_id=_positive_int("--id", id),
         hosts=[h for h in hosts.split(",") if h.strip()] if hosts else None,
         job_id=job,
         input=input_data,
-        timeout=float(timeout) if timeout else None,
+        timeout=_seconds("--timeout", timeout),
         keep_workdir=keep_workdir,
     )
     result = execute_run_event(settings, request, out=None if quiet else sys.stderr)
@@ -216,25 +241,73 @@ def run_event(
 run_event.all_hosts = True
 
 
-@task(name="known-hosts-add", help={"host": "[user@]host[:port] to fetch the key of", "yes": "record without asking"})
+@task(
+    name="known-hosts-add",
+    auto_shortflags=False,
+    help={
+        "host": "a server name or address from the database, or [user@]host[:port], or [host]:port",
+        "yes": "record without asking (needed when stdin is not a terminal)",
+        "replace": "replace a different key recorded for this host (after checking the new fingerprint!)",
+    },
+)
 @user_errors
-def known_hosts_add(c: Any, host: str, yes: bool = False) -> None:
+def known_hosts_add(c: Any, host: str, yes: bool = False, replace: bool = False) -> None:
     """Show a server's host key fingerprint and record it in cronium-fab's known_hosts."""
-    from .remote.connection import fetch_host_key
+    from .remote.connection import SSHSettings, fetch_host_key
     from .remote.known_hosts import KnownHostsStore, fingerprint, host_entry_name
 
     settings = _settings()
-    hostport = host.rpartition("@")[2]
-    name, _, port_s = hostport.partition(":")
-    port = int(port_s) if port_s.isdigit() else 22
+    name, port = _host_and_port(settings, host)
     key = fetch_host_key(name, port, timeout=settings.connect_timeout)
-    print(f"{hostport}: {key.get_name()} {fingerprint(key)}", file=sys.stderr)
+    entry = host_entry_name(name, port)
+    store = KnownHostsStore(settings.known_hosts)
+    known = SSHSettings(known_hosts_path=settings.known_hosts).store().lookup(entry)
+    print(f"{entry}: {key.get_name()} {fingerprint(key)}", file=sys.stderr)
+    if known.get(key.get_name()) == key:
+        print("already recorded", file=sys.stderr)
+        return
+    if known and not replace:
+        old = ", ".join(f"{t} {fingerprint(k)}" for t, k in known.items())
+        raise Exit(f"cronium-fab: error: {entry} has a DIFFERENT key recorded ({old}); if the server was "
+                   "reinstalled and you checked the new fingerprint, pass --replace", code=EXIT_USAGE)
     if not yes:
-        answer = input("record this key? [y/N] ").strip().lower()
-        if answer not in ("y", "yes"):
-            raise Exit("not recorded", code=1)
-    KnownHostsStore(settings.known_hosts).add(host_entry_name(name, port), key)
+        if not sys.stdin.isatty():
+            raise Exit("cronium-fab: error: stdin is not a terminal: check the fingerprint above and pass --yes",
+                       code=EXIT_USAGE)
+        if input("record this key? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise Exit("not recorded", code=EXIT_FAILURE)
+    settings.known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if known:
+        store.replace(entry, key)
+    else:
+        store.add(entry, key)
     print(f"recorded in {settings.known_hosts}", file=sys.stderr)
+
+
+def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
+    """A server's name/address from the database, or ``[user@]host[:port]`` / ``[host]:port``."""
+    value = value.rpartition("@")[2].strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_s = rest.lstrip(":")
+    else:
+        host, _, port_s = value.partition(":")
+    if port_s and not port_s.isdigit():
+        raise Exit(f"cronium-fab: error: {value!r}: the port must be a number", code=EXIT_USAGE)
+    if not port_s:
+        from .db.engine import Database
+        from .db.models import Server
+
+        db = Database(settings.database_url)
+        if db.sqlite_path is None or db.sqlite_path.exists():
+            from sqlalchemy import or_, select
+
+            with db.session() as s:
+                row = s.scalars(select(Server).where(or_(Server.name == host, Server.address == host))).first()
+                if row is not None:
+                    return row.address, row.port or 22
+        db.dispose()
+    return host, int(port_s or 22)
 
 
 def build_namespace() -> Collection:

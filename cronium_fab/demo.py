@@ -28,6 +28,7 @@ from .settings import Settings
 
 DEMO_DIR = Path(".demo")
 DATA_DIR = DEMO_DIR / "data"
+PAYLOAD_DIR = DEMO_DIR / "payloads"
 HOSTS = 3
 
 DEMO_SCRIPT = '''\
@@ -72,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(hosts_dir: Path) -> int:
-    # The demo's embedded database and known_hosts live in this checkout (.demo/data), so a demo
-    # never mixes with your own registrations, nor with another checkout's signing keys.
+    # The demo's embedded database, known_hosts and payloads live in this checkout (.demo/), so a
+    # demo never mixes with your own registrations, nor with another checkout's signing keys.
     if not os.environ.get("CRONIUM_FAB_DATA_DIR"):
         os.environ["CRONIUM_FAB_DATA_DIR"] = str(DATA_DIR.resolve())
+    if not os.environ.get("CRONIUM_FAB_PAYLOAD_DIR"):
+        os.environ["CRONIUM_FAB_PAYLOAD_DIR"] = str(PAYLOAD_DIR.resolve())
     settings = Settings.from_env()
     print(f"== starting {HOSTS} local sshd hosts", file=sys.stderr)
     pool = start_hosts(HOSTS, hosts_dir, detach=True)
@@ -106,7 +109,8 @@ def _demo(hosts_dir: Path) -> int:
     for k, v in sorted(stored.items()):
         print(f"   {k} = {v!r}", file=sys.stderr)
     print(
-        f"\nRun it again:  CRONIUM_FAB_DATA_DIR={DATA_DIR} .venv/bin/cronium-fab run-event --id {event_id}"
+        f"\nRun it again:  CRONIUM_FAB_DATA_DIR={DATA_DIR} CRONIUM_FAB_PAYLOAD_DIR={PAYLOAD_DIR} "
+        f".venv/bin/cronium-fab run-event --id {event_id}"
         "   (--json for the JSON result, --helper-mode bundled|api)\n"
         "Stop the hosts: make demo-stop",
         file=sys.stderr,

@@ -262,9 +262,14 @@ class PayloadStore:
             expected = content_for_event(event)
         path = Path(row.payload_path)
         pub = load_public_key(self.public_key)
-        data = verify_file(path, pub)
+        hint = (f"If nobody tampered with it (another database or checkout using the same payload directory "
+                f"can overwrite it), rebuild it with `cronium-fab payload-build --event {event_id}`")
+        try:
+            data = verify_file(path, pub)
+        except SignatureInvalid as exc:
+            raise SignatureInvalid(path, exc.fingerprint, exc.reason, hint) from None
         if hashlib.sha256(data).hexdigest() != row.checksum:
-            raise SignatureInvalid(path, fingerprint(pub), "the file does not match runner_payloads.checksum")
+            raise SignatureInvalid(path, fingerprint(pub), "the file does not match runner_payloads.checksum", hint)
         if data != expected.data:
             if _retry:
                 self.build(event_id)  # the event was edited between the two reads: rebuild once

@@ -49,6 +49,19 @@ class LoadReport:
     variables: list[str] = field(default_factory=list)
 
 
+TOP_KEYS = {"user", "servers", "events", "variables"}
+SERVER_KEYS = {"name", "address", "port", "username", "ssh_key", "ssh_key_file", "password", "password_env", "archived"}
+EVENT_KEYS = {"name", "type", "script", "content", "description", "timeout", "servers", "env"}
+
+
+def _check_keys(mapping: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
 def _require(mapping: dict[str, Any], key: str, where: str) -> Any:
     if key not in mapping or mapping[key] in (None, ""):
         raise ConfigError(f"{where}: '{key}' is required")
@@ -90,6 +103,7 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping with servers/events/variables")
+    _check_keys(doc, TOP_KEYS, str(path))
     key = load_key()
     report = LoadReport()
     user_id = str(doc.get("user") or "local")
@@ -99,6 +113,7 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
             s.flush()
         for i, spec in enumerate(doc.get("servers") or []):
             where = f"{path}: servers[{i}]"
+            _check_keys(spec, SERVER_KEYS, where)
             name = str(_require(spec, "name", where))
             ssh_key = spec.get("ssh_key")
             if spec.get("ssh_key_file"):
@@ -122,10 +137,14 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
             report.servers[name] = server.id
         for i, spec in enumerate(doc.get("events") or []):
             where = f"{path}: events[{i}]"
+            _check_keys(spec, EVENT_KEYS, where)
             name = str(_require(spec, "name", where))
             etype = str(_require(spec, "type", where)).upper()
-            if etype not in SCRIPT_TYPES and etype not in REFUSED_TYPES:
-                raise ConfigError(f"{where}: type {etype!r} is not BASH, PYTHON or NODEJS")
+            if etype not in SCRIPT_TYPES:
+                why = " (HTTP requests and tool actions run in Cronium itself)" if etype in REFUSED_TYPES else ""
+                raise ConfigError(f"{where}: type {etype!r} is not BASH, PYTHON or NODEJS{why}")
+            if not (spec.get("script") or spec.get("content")):
+                raise ConfigError(f"{where}: 'script' is required (the script to run)")
             event = s.scalars(select(Event).where(Event.user_id == user_id, Event.name == name)).first()
             if event is None:
                 event = Event(user_id=user_id, name=name, created_at=utcnow(), payload_version=1)

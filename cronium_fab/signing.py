@@ -26,13 +26,15 @@ class SigningKeyError(ConfigError):
 class SignatureInvalid(CroniumFabError):
     """A file does not match its signature: it was altered, or signed by another key."""
 
-    def __init__(self, path: Path, fingerprint: str, reason: str) -> None:
+    def __init__(self, path: Path, fingerprint: str, reason: str, hint: str | None = None) -> None:
         super().__init__(
-            f"signature check failed for {path} with key {fingerprint}: {reason}. "
-            "Refusing to use it: rebuild and re-sign it (`inv build sign`, `cronium-fab payload-build`)"
+            f"signature check failed for {path} with key {fingerprint}: {reason}. Refusing to use it. "
+            + (hint or "If you changed it on purpose, rebuild and re-sign it (`inv build sign` for the runner, "
+                        "`cronium-fab payload-build --event N` for a payload)")
         )
         self.path = path
         self.fingerprint = fingerprint
+        self.reason = reason
 
 
 def fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:

@@ -125,8 +125,8 @@ class _VerifyPolicy(paramiko.MissingHostKeyPolicy):
             return
         raise HostKeyUnknown(
             f"host {self.display} ({hostname}) is not in known_hosts; it offered {key.get_name()} key {fp}. "
-            f"Check the fingerprint, then record it with `cronium-fab known-hosts add {hostname}` "
-            f"or use host key policy accept-new",
+            f"Check the fingerprint, then record it with `cronium-fab known-hosts-add '{hostname}'` "
+            f"(or run with --host-key-policy accept-new / CRONIUM_FAB_HOST_KEY_POLICY=accept-new)",
             host=self.display,
             fingerprint=fp,
             key_type=key.get_name(),
@@ -137,8 +137,9 @@ def _changed_message(display: str, hostname: str, expected: str, actual: str, st
     return (
         f"HOST KEY CHANGED for {display} ({hostname}): known {expected}, offered {actual}. "
         f"Someone may be intercepting the connection, or the server was reinstalled. Refusing to connect. "
-        f"If the change is expected, remove the old entry from {store.path} (and ~/.ssh/known_hosts) "
-        f"and record the new key with `cronium-fab known-hosts add {hostname} --replace`"
+        f"If the change is expected (check the new fingerprint with the server's admin), record the new key "
+        f"with `cronium-fab known-hosts-add '{hostname}' --replace` (and remove the old entry from "
+        f"~/.ssh/known_hosts if it is there)"
     )
 
 

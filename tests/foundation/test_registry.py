@@ -86,8 +86,13 @@ def test_secrets_are_encrypted_like_cronium_when_key_is_set(db: Database, tmp_pa
     [
         ({"servers": [{"address": "x"}]}, "'name' is required"),
         ({"events": [{"name": "e", "type": "RUBY"}]}, "not BASH, PYTHON or NODEJS"),
-        ({"events": [{"name": "e", "type": "BASH", "servers": ["nope"]}]}, "server 'nope' is not defined"),
-        ({"events": [{"name": "e", "type": "BASH", "timeout": "soon"}]}, "timeout must be"),
+        ({"events": [{"name": "e", "type": "BASH", "script": "true", "servers": ["nope"]}]},
+         "server 'nope' is not defined"),
+        ({"events": [{"name": "e", "type": "BASH", "script": "true", "timeout": "soon"}]}, "timeout must be"),
+        ({"events": [{"name": "e", "type": "BASH", "scrpt": "true"}]}, "unknown key.*scrpt"),
+        ({"events": [{"name": "e", "type": "BASH"}]}, "'script' is required"),
+        ({"events": [{"name": "e", "type": "HTTP_REQUEST", "script": "x"}]}, "run in Cronium itself"),
+        ({"serverz": []}, "unknown key.*serverz"),
     ],
 )
 def test_bad_inventory_is_refused_and_writes_nothing(db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -78,3 +78,21 @@ def test_accept_new_records_first_key(fleet: Fleet, ssh_hosts) -> None:  # type:
     result = run_event(fleet.settings.with_(host_key_policy="accept-new"), RunRequest(event_id=ev), out=None)
     assert result.status == "SUCCESS"
     assert host.host_public_key.split()[1] in fleet.settings.known_hosts.read_text()
+
+
+def test_known_hosts_add_by_server_name_refuses_changed_key_without_replace(fleet: Fleet, ssh_hosts, ssh_pool,  # type: ignore[no-untyped-def]
+                                                                          tmp_path: Path) -> None:
+    (host,) = ssh_hosts(1, exclusive=True)
+    sid = fleet.add(host, "named-server", trusted=False)
+    ev = add_event(fleet.db, content="echo ok", servers=[sid])
+    out = _cli(fleet, ["known-hosts-add", "named-server"], tmp_path)  # stdin is not a terminal
+    assert out.returncode == 2 and "pass --yes" in out.stderr and "SHA256:" in out.stderr
+    assert _cli(fleet, ["known-hosts-add", "named-server", "--yes"], tmp_path).returncode == 0
+    ssh_pool.regenerate_host_key(host)
+    changed = run_event(fleet.settings, RunRequest(event_id=ev), out=None).hosts[0]
+    assert changed.error_kind == "host-key-changed" and "known-hosts-add" in (changed.error or "")
+    out = _cli(fleet, ["known-hosts-add", f"[{host.address}]:{host.port}", "--yes"], tmp_path)
+    assert out.returncode == 2 and "--replace" in out.stderr
+    out = _cli(fleet, ["known-hosts-add", f"[{host.address}]:{host.port}", "--yes", "--replace"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert run_event(fleet.settings, RunRequest(event_id=ev), out=None).status == "SUCCESS"

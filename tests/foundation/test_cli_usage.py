@@ -1,0 +1,31 @@
+"""Usage errors: one line that says what to do, exit status 2, no traceback, nothing run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run-event", "--id", "abc"], "--id needs an event id"),
+        (["run-event"], "--id needs an event id"),
+        (["run-event", "--id", "1", "--timeout", "-5"], "greater than 0"),
+        (["run-event", "--id", "1", "--timeout", "soon"], "greater than 0"),
+        (["run-event", "--id", "1", "--input", "{not json"], "--input is not valid JSON"),
+        (["run-event", "--id", "1", "--helper-mode", "magic"], "helper mode 'magic'"),
+        (["run-event", "--id", "1", "--host-key-policy", "yolo"], "host key policy 'yolo'"),
+        (["payload-build", "--event", "x"], "--event needs an event id"),
+        (["known-hosts-add", "127.0.0.1:notaport"], "port must be a number"),
+    ],
+)
+def test_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "cronium_fab", *args], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / ".local").exists() or not any((tmp_path / ".local").rglob("*.db"))
