@@ -11,12 +11,14 @@ second of one client and of ``--clients`` clients in parallel. The tunnel compar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,14 +91,35 @@ def report(name: str, times: list[float]) -> None:
           f"{len(ms) / sum(times):7.0f} calls/s")
 
 
+@contextlib.contextmanager
+def private_schema(url: str | None) -> Iterator[str | None]:
+    """On PostgreSQL, a throwaway schema (dropped afterwards): the bench never touches existing tables."""
+    if not url or not url.startswith("postgresql"):
+        yield url
+        return
+    import uuid
+
+    import psycopg
+
+    schema = f"cfab_bench_{uuid.uuid4().hex[:10]}"
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=2000, help="calls per measurement")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--database-url", default=None)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        db = Database(args.database_url or f"sqlite:///{tmp}/bench.db")
+    with tempfile.TemporaryDirectory() as tmp, private_schema(args.database_url) as url:
+        db = Database(url or f"sqlite:///{tmp}/bench.db")
         ctx = prepare(db)
         with HelperAPI(db, rate_per_s=None) as api:
             token = api.register_execution(ctx)

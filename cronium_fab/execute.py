@@ -80,7 +80,7 @@ class HostResult:
     output: Any = None
     variables: dict[str, Any] = field(default_factory=dict)
     condition: bool | None = None
-    helper_mode: str = "bundled"
+    helper_mode: str | None = None  # None: the host was never reached
     helper_mode_note: str | None = None
     runner_cached: bool | None = None
     duration_ms: int = 0
@@ -575,7 +575,7 @@ def _log_output(results: list[HostResult]) -> str:
     parts = []
     for r in results:
         parts.append(f"=== {r.name} ({r.host}): {r.status}" + (f" exit {r.exit_code}" if r.exit_code is not None else "")
-                     + f" [helpers: {r.helper_mode}]")
+                     + (f" [helpers: {r.helper_mode}]" if r.helper_mode else ""))
         if r.helper_mode_note:
             parts.append(f"--- {r.helper_mode_note}")
         if r.stdout:
@@ -619,7 +619,8 @@ def summary_table(result: RunResult) -> str:
     for h in result.hosts:
         cached = "-" if h.runner_cached is None else ("cached" if h.runner_cached else "installed")
         rows.append((h.name, h.status, "-" if h.exit_code is None else str(h.exit_code),
-                     f"{h.duration_ms / 1000:.2f}s", cached, h.helper_mode + ("*" if h.helper_mode_note else "")))
+                     f"{h.duration_ms / 1000:.2f}s", cached,
+                     (h.helper_mode or "-") + ("*" if h.helper_mode_note else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     errors = [f"  {h.name}: {h.error}" for h in result.hosts if h.error]

@@ -63,7 +63,10 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> ec.Elliptic
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise SigningKeyError(f"cannot read signing key {path}: {exc.strerror}; create one with `inv keygen`") from None
+        raise SigningKeyError(
+            f"cannot read signing key {path}: {exc.strerror}; create one with `inv keygen` in the project root, "
+            "or set CRONIUM_FAB_SIGNING_KEY (relative paths are relative to the working directory)"
+        ) from None
     try:
         key = serialization.load_pem_private_key(data, password=passphrase or None)
     except TypeError:
@@ -85,7 +88,10 @@ def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise SigningKeyError(f"cannot read public key {path}: {exc.strerror}; create keys with `inv keygen`") from None
+        raise SigningKeyError(
+            f"cannot read public key {path}: {exc.strerror}; create keys with `inv keygen` in the project root, "
+            "or set CRONIUM_FAB_PUBLIC_KEY (relative paths are relative to the working directory)"
+        ) from None
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:

@@ -42,6 +42,10 @@ def make_engine(url: str) -> Engine:
             f"CRONIUM_DATABASE_URL is not a database URL: {safe_url(url)}; "
             "use postgresql+psycopg://user:pass@host:5432/db or sqlite:///path/file.db"
         ) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"database {safe_url(url)}: only PostgreSQL (postgresql://...) and SQLite (sqlite:///path) are supported"
+        )
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -57,7 +61,9 @@ def make_engine(url: str) -> Engine:
         return engine
     try:
         return create_engine(
-            url, pool_pre_ping=True, connect_args={"connect_timeout": 10}
+            # no pre-ping: it doubles every query of the helper API; runs are short, and a connection
+            # idle for 5 minutes is replaced instead
+            url, pool_recycle=300, connect_args={"connect_timeout": 10}
         )
     except Exception as exc:  # a missing driver, a bad dialect
         raise ConfigError(f"cannot use database {safe_url(url)}: {exc}") from None
