@@ -257,7 +257,8 @@ def normalise(doc, name="manifest"):
     ext = doc.get("x-cronium-fab") or {}
     if not isinstance(ext, dict):
         ext = {}
-    etype = str(ext.get("event_type") or "").strip().lower()
+    # the controller writes eventType (camelCase, like Cronium's metadata); event_type is accepted too
+    etype = str(ext.get("eventType") or ext.get("event_type") or "").strip().lower()
     interp = str(doc.get("interpreter") or "").strip().lower()
     for t in (etype, interp):
         if t in REFUSED:

@@ -110,7 +110,8 @@ def test_node_spellings(py, pyz, tmp_path, interp):
     "version: v1\ninterpreter: TOOL_ACTION\nentrypoint: script.sh\n",
     "version: v1\ninterpreter: bash\nentrypoint: script.sh\nx-cronium-fab:\n  event_type: HTTP_REQUEST\n",
     "version: v1\ninterpreter: bash\nentrypoint: script.sh\nx-cronium-fab: {event_type: TOOL_ACTION}\n",
-], ids=["http", "tool_action", "ext-http", "ext-tool"])
+    "version: v1\ninterpreter: bash\nentrypoint: script.sh\nx-cronium-fab:\n  eventType: TOOL_ACTION\n",
+], ids=["http", "tool_action", "ext-http", "ext-tool", "ext-camel"])
 def test_refused_types(py, pyz, tmp_path, manifest):
     from crnr_testlib import payload, run_serve
     s = run_serve(py, pyz, None, payload_bytes=payload("touch pwned", manifest=manifest))
