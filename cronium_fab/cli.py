@@ -4,7 +4,10 @@ Every task is a thin wrapper over the library; errors a user can act on are prin
 line (no traceback) with a distinct exit status:
 
     0 success · 1 run FAILURE · 2 usage / configuration error · 3 run PARTIAL · 4 run TIMEOUT
-    5 run CANCELLED
+    5 run CANCELLED · 6 internal error (a bug: please report it)
+
+With ``--json``, stdout always carries exactly one JSON document: the run's result, or
+``{"status": "ERROR", "error": "...", "exit_code": N}`` when the run could not happen.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_TIMEOUT = 4
 EXIT_CANCELLED = 5
+EXIT_INTERNAL = 6
 
 
 def user_errors(fn: F) -> F:
@@ -48,6 +52,35 @@ def user_errors(fn: F) -> F:
             raise Exit(f"cronium-fab: error: {exc}", code=exc.exit_code) from None
         except RemoteError as exc:
             raise Exit(f"cronium-fab: error: {exc}", code=EXIT_FAILURE) from None
+        except Exit:
+            raise
+        except Exception as exc:  # a bug: one line, its own exit status, never mistaken for FAILURE
+            if os.environ.get("CRONIUM_FAB_DEBUG"):
+                raise
+            raise Exit(f"cronium-fab: internal error: {type(exc).__name__}: {exc} "
+                       "(set CRONIUM_FAB_DEBUG=1 for the traceback)", code=EXIT_INTERNAL) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RunExit(Exit):
+    """The exit status of a run that happened (its JSON document is already on stdout)."""
+
+
+def json_errors(fn: F) -> F:
+    """With ``--json``, a run that could not happen still prints one JSON document on stdout."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RunExit:
+            raise
+        except Exit as exc:
+            if kwargs.get("json"):
+                message = str(exc.message or "").removeprefix("cronium-fab: ").removeprefix("error: ")
+                print(json.dumps({"status": "ERROR", "error": message, "exit_code": exc.code}))
+            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -184,6 +217,7 @@ def events(c: Any) -> None:
         "quiet": "no live output, only the summary",
     },
 )
+@json_errors
 @user_errors
 def run_event(
     c: Any,
@@ -235,7 +269,7 @@ def run_event(
     if json:
         print(jsonlib.dumps(result.to_dict(), ensure_ascii=False, default=str))
     if result.exit_code:
-        raise Exit(code=result.exit_code)
+        raise RunExit(code=result.exit_code)
 
 
 run_event.all_hosts = True

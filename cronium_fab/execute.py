@@ -15,6 +15,7 @@ JSON document is for stdout.
 from __future__ import annotations
 
 import hashlib
+import logging
 import signal
 import sys
 import threading
@@ -45,6 +46,8 @@ from .remote.session import HostRun, run_on_host
 from .remote.tunnel import RemoteForward
 from .settings import HELPER_MODES, Settings
 from .signing import load_public_key, verify_file
+
+log = logging.getLogger(__name__)
 
 HOST_STATES = ("success", "failure", "timeout", "unreachable", "cancelled")
 RUN_STATES = ("SUCCESS", "FAILURE", "PARTIAL", "TIMEOUT", "CANCELLED")
@@ -255,7 +258,14 @@ def resolve_targets(session: Any, event: ResolvedEvent, hosts: list[str] | None)
                               None, value, host))
     if not targets:
         raise CroniumFabError("-H was given but names no host")
-    return targets
+    unique: list[Target] = []
+    seen: set[object] = set()
+    for t in targets:  # the same server named twice (by name and by address) runs once
+        ident = t.server_id if t.server_id is not None else (t.host.host, t.host.port, t.host.user)
+        if ident not in seen:
+            seen.add(ident)
+            unique.append(t)
+    return unique
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +353,11 @@ class EventRun:
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> RunResult:
+        # SIGTERM/SIGINT become "cancel" for the whole run, so a signal never kills us mid-write
+        with _interrupts_cancel(self.cancel):
+            return self._run()
+
+    def _run(self) -> RunResult:
         t0 = time.monotonic()
         settings, request = self.settings, self.request
         db = Database(settings.database_url)
@@ -358,51 +373,54 @@ class EventRun:
         self.timeout = request.timeout if request.timeout is not None else event.timeout_seconds
         self.ssh = _ssh_settings(settings)
         self.recorder = recorder = RunRecorder(db)
+        # bad input stops before this line; from here on every row must end in a terminal state
         self.ctx = ctx = recorder.start(event_id=event.id, event_name=event.name, event_type=event.type,
                                         user_id=event.user_id, job_id=request.job_id, input_data=request.input)
         self.trigger = "job" if request.job_id else "manual"
-        started_unix = time.time()
         self.results: list[HostResult] = []
         results = self.results
-        for i, t in enumerate(self.targets):
-            key: str | int = t.server_id if t.server_id is not None else f"h{i}"
-            results.append(HostResult(server_id=t.server_id, name=t.name, host=t.address,
-                                      execution_id=execution_id_for(ctx.job_id, key, started_unix)))
-        recorder.add_executions(ctx.job_id, [(r.execution_id, t.server_id, t.name, {"host": t.address,
-                                                                                    "trigger": self.trigger})
-                                             for t, r in zip(self.targets, results, strict=True)])
-        self.printer = LivePrinter(self.out, [t.name for t in self.targets])
         try:
-            with _interrupts_cancel(self.cancel):
-                if self.mode == "bundled":
-                    self._run_hosts()
-                else:
-                    lifetime = self.timeout + KILL_GRACE + WATCHDOG_MARGIN + settings.setup_timeout + 300
-                    with HelperAPI(db, secret=settings.api_secret, lifetime_s=lifetime) as api:
-                        self.api = api
+            for i, t in enumerate(self.targets):
+                key: str | int = t.server_id if t.server_id is not None else f"h{i}"
+                results.append(HostResult(server_id=t.server_id, name=t.name, host=t.address,
+                                          execution_id=execution_id_for(ctx.job_id, key)))
+            recorder.add_executions(ctx.job_id, [(r.execution_id, t.server_id, t.name,
+                                                  {"host": t.address, "trigger": self.trigger})
+                                                 for t, r in zip(self.targets, results, strict=True)])
+            self.printer = LivePrinter(self.out, [t.name for t in self.targets])
+            if self.mode == "bundled":
+                self._run_hosts()
+            else:
+                lifetime = self.timeout + KILL_GRACE + WATCHDOG_MARGIN + settings.setup_timeout + 300
+                with HelperAPI(db, secret=settings.api_secret, lifetime_s=lifetime) as api:
+                    self.api = api
+                    try:
                         self._run_hosts()
+                    finally:
+                        self.api = None
+            states = [r.status for r in results]
+            status = aggregate_status(states, cancelled=self.cancel.is_set() and "cancelled" in states)
+            duration_ms = int((time.monotonic() - t0) * 1000)
+            result = RunResult(status=status, event_id=event.id, event_name=event.name, job_id=ctx.job_id,
+                               log_id=ctx.log_id, hosts=results,
+                               skipped=[{"server_id": s.id, "name": s.name, "reason": s.reason}
+                                        for s in event.skipped],
+                               duration_ms=duration_ms, payload_version=self.payload.version)
+            failures = [r for r in results if r.status != "success"]
+            recorder.finish(
+                ctx, event_id=event.id, status=status, output=_log_output(results), duration_ms=duration_ms,
+                setup_ms=None, execution_ms=max((r.duration_ms for r in results), default=0),
+                exit_code=_run_exit_code(results),
+                error="; ".join(f"{r.name}: {r.error or r.status}" for r in failures) or None,
+                result=_job_result(result),
+                open_executions=[r.execution_id for r in results],
+            )
         except BaseException as exc:
-            recorder.abort(ctx, [r.execution_id for r in results], f"run aborted: {exc!r}")
+            recorder.abort(ctx, [r.execution_id for r in results], f"run aborted: {type(exc).__name__}: {exc}")
             raise
         finally:
-            self.api = None
-        states = [r.status for r in results]
-        status = aggregate_status(states, cancelled=self.cancel.is_set() and "cancelled" in states)
-        duration_ms = int((time.monotonic() - t0) * 1000)
-        result = RunResult(status=status, event_id=event.id, event_name=event.name, job_id=ctx.job_id,
-                           log_id=ctx.log_id, hosts=results,
-                           skipped=[{"server_id": s.id, "name": s.name, "reason": s.reason} for s in event.skipped],
-                           duration_ms=duration_ms, payload_version=self.payload.version)
-        failures = [r for r in results if r.status != "success"]
-        recorder.finish(
-            ctx, event_id=event.id, status=status, output=_log_output(results), duration_ms=duration_ms,
-            setup_ms=None, execution_ms=max((r.duration_ms for r in results), default=0),
-            exit_code=_run_exit_code(results),
-            error="; ".join(f"{r.name}: {r.error or r.status}" for r in failures) or None,
-            result=_job_result(result),
-        )
+            db.dispose()
         self.printer.message(summary_table(result))
-        db.dispose()
         return result
 
     def _run_hosts(self) -> None:
@@ -427,9 +445,11 @@ class EventRun:
         res = self.results[i]
         try:
             self._run_host(self.targets[i], res)
-        except Exception as exc:  # never lose a host's row because of a bug: record it
-            res.status, res.error, res.error_kind = "failure", f"internal error: {exc!r}", "internal"
-            self._finish_host(res, None, None, None)
+        except Exception as exc:  # never lose a host's row because of a bug: record it, minimally
+            res.status, res.error_kind = "failure", "internal"
+            res.error = f"internal error: {type(exc).__name__}: {exc}"[:2000]
+            log.debug("host %s: internal error", res.name, exc_info=True)
+            self.recorder.host_failed(res.execution_id, res.error)
         if self.on_host_done is not None:
             self.on_host_done(res)
 
@@ -465,6 +485,8 @@ class EventRun:
                                           watchdog_s=self.timeout + KILL_GRACE + WATCHDOG_MARGIN,
                                           setup_timeout_s=self.settings.setup_timeout)
                         _apply_run(res, run)
+                        if run.error_kind in ("watchdog-timeout", "disconnected", "setup-timeout"):
+                            conn.close()  # a dead or frozen peer: never wait on it again (tunnel cancel)
                         if self.api is not None and res.helper_mode == "api":
                             _merge_api_state(res, self.api.unregister(res.execution_id))
             finally:
@@ -497,7 +519,8 @@ class EventRun:
             server_name=target.name, input=self.ctx.input, trigger=self.trigger, started_at=started))
         fwd = RemoteForward(conn, "127.0.0.1", api.port, name=target.name)
         try:
-            fwd.open()
+            with _closes_on_hang(conn, self.settings.setup_timeout):
+                fwd.open()
         except RemoteError as exc:
             api.unregister(res.execution_id)
             if self.mode == "api":
@@ -514,7 +537,8 @@ class EventRun:
         try:
             yield {"endpoint": f"http://127.0.0.1:{fwd.remote_port}", "token": token}
         finally:
-            fwd.close()
+            with _closes_on_hang(conn, 10.0):
+                fwd.close()
             if res.helper_mode == "api":
                 api.unregister(res.execution_id)
 
@@ -552,6 +576,20 @@ class EventRun:
             write_variables=res.helper_mode == "bundled",
             deployment=deployment,
         )
+
+
+@contextmanager
+def _closes_on_hang(conn: Any, seconds: float) -> Iterator[None]:
+    """Bound a blocking SSH global request (port forward open/cancel): Paramiko waits for the
+    reply as long as the transport lives, and keepalives do not kill a frozen peer. Closing the
+    connection after ``seconds`` ends the wait (the request then fails like a dead connection)."""
+    timer = threading.Timer(seconds, conn.close)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _merge_api_state(res: HostResult, state: HelperState) -> None:

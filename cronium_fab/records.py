@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,8 +38,29 @@ def new_job_id() -> str:
     return f"job_{int(time.time() * 1000)}_{secrets.token_hex(4)}"
 
 
-def execution_id_for(job_id: str, server_key: str | int, started: float) -> str:
-    return f"exec_{job_id}_{server_key}_{int(started)}"[:100]
+def execution_id_for(job_id: str, server_key: str | int) -> str:
+    """Cronium's ``exec_<jobId>_<serverId>_<unix>`` plus a random suffix: a retry of the same job in
+    the same second, or the same server named twice, never collides."""
+    return f"exec_{job_id}_{server_key}_{int(time.time())}_{secrets.token_hex(3)}"[-100:]
+
+
+MAX_KEY_LEN = 255  # user_variables.key is varchar(255)
+
+
+def clean_text(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL: a script that prints one must not lose its whole record."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
+def clean_json(value: Any) -> Any:
+    """``clean_text`` through a JSON value (jsonb refuses \\u0000 too)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_json(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_json(v) for k, v in value.items()}
+    return value
 
 
 def ms_between(a: datetime | None, b: datetime | None) -> int | None:
@@ -49,7 +71,10 @@ def ms_between(a: datetime | None, b: datetime | None) -> int | None:
 
 def set_variable(session: Session, user_id: str, key: str, value: Any) -> None:
     """Upsert one of the user's variables (the only implementation; API and bundled mode use it)."""
-    text = encode_variable(value)
+    if len(key) > MAX_KEY_LEN:
+        raise CroniumFabError(f"variable key of {len(key)} characters: at most {MAX_KEY_LEN} are stored")
+    text = clean_text(encode_variable(value)) or ""
+    key = clean_text(key) or key
     row = session.scalars(
         select(UserVariable).where(UserVariable.user_id == user_id, UserVariable.key == key).with_for_update()
     ).first()
@@ -95,7 +120,7 @@ def _merge_execution_metadata(session: Session, execution_id: str, values: dict[
     if row is None:
         raise CroniumFabError(f"execution {execution_id} not found")
     meta = dict(row.execution_metadata or {})
-    meta.update(values)
+    meta.update(clean_json(values))
     row.execution_metadata = meta
     row.updated_at = utcnow()
 
@@ -214,8 +239,8 @@ class RunRecorder:
             live = dict(row.execution_metadata or {})
             row.status = status
             row.exit_code = exit_code
-            row.output = output
-            row.error = error
+            row.output = clean_text(output)
+            row.error = clean_text(error)
             row.completed_at = now
             for name, value in phases.items():
                 setattr(row, name, value)
@@ -223,12 +248,17 @@ class RunRecorder:
             row.execution_duration = ms_between(row.execution_started_at, row.execution_completed_at)
             row.cleanup_duration = ms_between(row.cleanup_started_at, row.cleanup_completed_at)
             row.total_duration = ms_between(row.started_at, now)
-            live.update(metadata)
+            refused = [k for k in variables if len(k) > MAX_KEY_LEN]
+            if refused:
+                metadata = dict(metadata, refused_variables=[k[:64] + "..." for k in refused],
+                                variables={k: v for k, v in metadata.get("variables", {}).items() if k not in refused})
+            live.update(clean_json(metadata))
             row.execution_metadata = live
             row.updated_at = now
             if write_variables:
                 for key, value in variables.items():
-                    set_variable(s, user_id, key, value)
+                    if key not in refused:
+                        set_variable(s, user_id, key, value)
 
     @staticmethod
     def _record_deployment(s: Session, d: Deployment, now: datetime) -> None:
@@ -247,11 +277,25 @@ class RunRecorder:
         row.status = "active" if d.ok else "failed"
 
     # -- end -------------------------------------------------------------------------------
+    def host_failed(self, execution_id: str, error: str) -> None:
+        """The fallback when recording a host's result failed: status and error only, own transaction."""
+        with self._lock, self.db.session() as s:
+            row = s.get(Execution, execution_id)
+            if row is not None and row.status in ("queued", "running"):
+                row.status = "failed"
+                row.error = clean_text(error)
+                row.completed_at = utcnow()
+
     def finish(self, ctx: JobContext, *, event_id: int, status: str, output: str, duration_ms: int,
                setup_ms: int | None, execution_ms: int | None, exit_code: int | None, error: str | None,
-               result: dict[str, Any]) -> None:
+               result: dict[str, Any], open_executions: Sequence[str] = ()) -> None:
         now = utcnow()
+        output, error, result = clean_text(output) or "", clean_text(error), clean_json(result)
         with self._lock, self.db.session() as s:
+            for eid in open_executions:  # a host row a bug left open must not stay "running"
+                row = s.get(Execution, eid)
+                if row is not None and row.status in ("queued", "running"):
+                    row.status, row.error, row.completed_at = "failed", "not recorded (internal error)", now
             log = s.get(Log, ctx.log_id)
             if log is not None:
                 log.status = LOG_STATUS.get(status, status)
@@ -288,16 +332,16 @@ class RunRecorder:
                 row = s.get(Execution, eid)
                 if row is not None and row.status in ("queued", "running"):
                     row.status = "cancelled"
-                    row.error = reason
+                    row.error = clean_text(reason)
                     row.completed_at = now
             log = s.get(Log, ctx.log_id)
             if log is not None and log.status in ("PENDING", "RUNNING"):
                 log.status = "FAILURE"
-                log.error = reason
+                log.error = clean_text(reason)
                 log.end_time = now
                 log.successful = False
             job = s.get(Job, ctx.job_id)
             if job is not None and job.status in ("queued", "claimed", "running"):
                 job.status = "cancelled"
-                job.last_error = reason
+                job.last_error = clean_text(reason)
                 job.completed_at = now

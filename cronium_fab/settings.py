@@ -33,6 +33,15 @@ def _env_path(name: str, default: str | Path) -> Path:
     return Path(os.environ.get(name) or default).expanduser()
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    if not raw.strip().isdigit():
+        raise ConfigError(f"{name}={raw!r} is not a whole number")
+    return int(raw)
+
+
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if not raw:
@@ -76,7 +85,7 @@ class Settings:
             payload_dir=_env_path("CRONIUM_FAB_PAYLOAD_DIR", "payloads"),
             host_key_policy=os.environ.get("CRONIUM_FAB_HOST_KEY_POLICY") or "strict",
             helper_mode=os.environ.get("CRONIUM_FAB_HELPER_MODE") or "auto",
-            parallel=int(os.environ.get("CRONIUM_FAB_PARALLEL") or 32),
+            parallel=_env_int("CRONIUM_FAB_PARALLEL", 32),
             connect_timeout=_env_float("CRONIUM_FAB_CONNECT_TIMEOUT", 10.0),
             setup_timeout=_env_float("CRONIUM_FAB_SETUP_TIMEOUT", 60.0),
             api_secret=os.environ.get("CRONIUM_FAB_API_SECRET") or None,

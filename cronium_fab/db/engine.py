@@ -47,7 +47,8 @@ def make_engine(url: str) -> Engine:
             f"database {safe_url(url)}: only PostgreSQL (postgresql://...) and SQLite (sqlite:///path) are supported"
         )
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # hide_parameters: an error message must never carry a bound value (a password, a variable)
+        engine = create_engine(url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -63,7 +64,7 @@ def make_engine(url: str) -> Engine:
         return create_engine(
             # no pre-ping: it doubles every query of the helper API; runs are short, and a connection
             # idle for 5 minutes is replaced instead
-            url, pool_recycle=300, connect_args={"connect_timeout": 10}
+            url, pool_recycle=300, hide_parameters=True, connect_args={"connect_timeout": 10}
         )
     except Exception as exc:  # a missing driver, a bad dialect
         raise ConfigError(f"cannot use database {safe_url(url)}: {exc}") from None

@@ -29,3 +29,13 @@ def test_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / ".local").exists() or not any((tmp_path / ".local").rglob("*.db"))
+
+
+def test_json_usage_error_still_prints_one_document(tmp_path: Path) -> None:
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "cronium_fab", "run-event", "--id", "x", "--json"],
+                         capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 2
+    doc = json.loads(out.stdout)
+    assert doc["status"] == "ERROR" and doc["exit_code"] == 2 and "--id" in doc["error"]

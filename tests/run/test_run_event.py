@@ -264,3 +264,30 @@ def test_tampered_local_runner_is_refused_before_anything_is_written(fleet: Flee
         run_event(fleet.settings.with_(runner_path=bad), RunRequest(event_id=ev), out=None)
     with fleet.db.session() as s:
         assert s.scalars(select(Job)).all() == [] and s.scalars(select(Execution)).all() == []
+
+
+def test_nul_bytes_and_long_variable_keys_never_lose_the_record(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
+    (host,) = ssh_hosts(1)
+    long_key = "k" * 300
+    script = (f"printf 'a\\0b\\n'; cronium_set_variable {long_key} v; cronium_set_variable ok yes; "
+              "echo '{\"s\": \"x\\u0000y\"}' | cronium.output")
+    ev = fleet.event([host], script)
+    result = _run(fleet, ev)
+    h = result.hosts[0]
+    assert result.status == "SUCCESS" and h.stdout.startswith("a") and h.output == {"s": "x\x00y"}
+    with fleet.db.session() as s:
+        row = s.scalars(select(Execution)).one()
+        assert row.status == "completed" and "\x00" not in (row.output or "")
+        assert row.execution_metadata["refused_variables"]
+        assert s.scalars(select(UserVariable.value).where(UserVariable.key == "ok")).one() == "yes"
+        assert s.scalars(select(Log)).one().status == "SUCCESS"
+
+
+def test_the_same_server_named_twice_runs_once(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
+    (host,) = ssh_hosts(1)
+    sid = fleet.add(host, "twice")
+    from tests.factories import add_event
+
+    ev = add_event(fleet.db, content="echo once", servers=[sid])
+    result = _run(fleet, ev, hosts=["twice", host.address, "twice"])
+    assert [h.name for h in result.hosts] == ["twice"] and result.status == "SUCCESS"
