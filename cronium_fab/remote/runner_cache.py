@@ -25,8 +25,11 @@ def miss():
     sys.stdout.flush()
     os._exit(0)
 try:
+    dst = os.stat(os.path.dirname(p))
     fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
 except OSError:
+    miss()
+if dst.st_uid != os.getuid() or dst.st_mode & 0o022:
     miss()
 st = os.fstat(fd)
 if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
@@ -86,7 +89,7 @@ def install_command(sha256: str) -> str:
     """
     sha = _check_sha(sha256)
     return (
-        f"d={CACHE_DIR_SH}; umask 077; mkdir -p \"$d\" || exit 1; "
+        f"d={CACHE_DIR_SH}; umask 077; mkdir -p \"$d\" && chmod 700 \"$d\" || exit 1; "
         f"t=$(mktemp \"$d/.runner-{sha}.XXXXXX\") || exit 1; "
         "trap 'rm -f \"$t\"' EXIT; trap 'exit 1' HUP INT TERM PIPE; "
         "cat > \"$t\" || exit 1; "

@@ -229,7 +229,7 @@ def test_forwarding_disabled_raises_tunnel_refused(ssh_hosts, connect):
     assert "refused remote port forwarding" in str(e) and "AllowTcpForwarding" in str(e)
     assert fwd.remote_port is None and not fwd.active
     fwd.close()
-    assert settle(threads, open_fds())[0] == threads  # the relay thread is gone
+    assert settle(threads, open_fds())[0] <= threads  # the relay thread is gone (others may end meanwhile)
     assert conn.transport.is_active()
     assert exec_(conn, "echo still")[1] == b"still\n"
 

@@ -291,3 +291,13 @@ def test_the_same_server_named_twice_runs_once(fleet: Fleet, ssh_hosts) -> None:
     ev = add_event(fleet.db, content="echo once", servers=[sid])
     result = _run(fleet, ev, hosts=["twice", host.address, "twice"])
     assert [h.name for h in result.hosts] == ["twice"] and result.status == "SUCCESS"
+
+
+def test_runner_in_a_loose_cache_dir_is_not_trusted(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
+    (host,) = ssh_hosts(1)
+    ev = fleet.event([host], "echo ok")
+    _run(fleet, ev)
+    host.runner_cache_dir.chmod(0o777)  # anyone could swap the runner after the digest check
+    result = _run(fleet, ev)
+    assert result.status == "SUCCESS" and result.hosts[0].runner_cached is False
+    assert host.runner_cache_dir.stat().st_mode & 0o777 == 0o700
