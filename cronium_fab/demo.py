@@ -22,6 +22,7 @@ from .db.queries import user_variables
 from .devhosts import start_hosts, stop_from_state
 from .errors import CroniumFabError
 from .execute import RunRequest, run_event
+from .fsutil import atomic_write
 from .registry import load_inventory
 from .remote.known_hosts import KnownHostsStore, host_entry_name
 from .settings import Settings
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo")
     parser.add_argument("--stop", action="store_true", help="stop the demo hosts")
     args = parser.parse_args(argv)
+    DEMO_DIR.mkdir(mode=0o700, exist_ok=True)
+    DEMO_DIR.chmod(0o700)  # the demo's database, keys and inventory are nobody else's business
     hosts_dir = (DEMO_DIR / "hosts").resolve()
     stopped = stop_from_state(hosts_dir)
     if args.stop:
@@ -95,7 +98,7 @@ def _demo(hosts_dir: Path) -> int:
                     "servers": [s["name"] for s in servers], "env": {"DEMO_GREETING": "hello"}}],
     }
     inv_path = DEMO_DIR / "inventory.yaml"
-    inv_path.write_text(yaml.safe_dump(inventory, sort_keys=False))
+    atomic_write(inv_path, yaml.safe_dump(inventory, sort_keys=False).encode(), 0o600)
     db = Database(settings.database_url)
     db.init()
     report = load_inventory(db, inv_path)

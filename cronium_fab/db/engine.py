@@ -119,6 +119,10 @@ class Database:
         path = self.sqlite_path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # create the file 0600 before SQLite does (it would use the umask); its -wal/-shm
+            # files take the database file's mode
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
         created = init_db(self.engine)
         if path is not None:
             os.chmod(path, 0o600)

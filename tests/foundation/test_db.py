@@ -143,3 +143,18 @@ def test_server_rows_keep_cronium_column_names(db: Database) -> None:
     assert {"ssh_key", "password", "username", "port", "is_archived", "archived_at"} <= cols
     with db.session() as s:
         assert s.scalars(select(Server.name)).all() == ["n1"]
+
+
+def test_embedded_database_is_private_even_with_a_loose_umask(tmp_path: Path) -> None:
+    old = os.umask(0o000)
+    try:
+        db = Database(f"sqlite:///{tmp_path / 'data' / 'cronium.db'}")
+        db.init()
+        with db.session() as s:
+            s.execute(text("SELECT 1"))
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "data").iterdir():
+        assert f.stat().st_mode & 0o077 == 0, f
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+    db.dispose()
