@@ -303,18 +303,25 @@ def serve():
     umask = os.umask(0o077)
     w = protocol.FrameWriter(1)
     wake = _install_signals()
-    libc = execute._libc()
-    subreaper = execute.become_subreaper(libc)
-    _hello(w)
     try:
-        header, payload = protocol.read_input(0)
-    except RunnerError as e:
+        return _serve(w, wake, umask)
+    except RunnerError as e:  # a signal before the script started, a bad input or header value
         res = {"status": "cancelled" if e.kind == "cancelled" else "error", "exit_code": None, "signal": None,
                "timed_out": False, "error": e.message, "error_kind": e.kind, "runner": runner_info()}
         w.write(protocol.json_record(b"R", res))
         return 3 if e.kind == "protocol" else 0
-    cap = header.get("output_cap")
-    cap = DEFAULT_CAP if cap is None else max(int(cap), 0)
+
+
+def _serve(w, wake, umask):
+    libc = execute._libc()
+    subreaper = execute.become_subreaper(libc)
+    _hello(w)
+    header, payload = protocol.read_input(0)
+    try:
+        cap = header.get("output_cap")
+        cap = DEFAULT_CAP if cap is None else max(int(cap), 0)
+    except (TypeError, ValueError):
+        raise RunnerError("protocol", "header output_cap must be a whole number of bytes")
     cappers = {b"O": Capper(cap), b"E": Capper(cap)}
 
     def sink(kind, ts, data):
