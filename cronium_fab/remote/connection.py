@@ -210,15 +210,41 @@ def _connect_kwargs(target: HostTarget, settings: SSHSettings) -> dict[str, Any]
     return kw
 
 
-def open_connection(target: HostTarget, settings: SSHSettings | None = None) -> fabric.Connection:
+class _Connection(fabric.Connection):
+    """A Connection that also closes its jump host (Fabric leaves a ProxyJump gateway open)."""
+
+    def close(self) -> None:
+        super().close()
+        if isinstance(self.gateway, fabric.Connection):
+            self.gateway.close()
+
+
+def _verified_gateway(gw: fabric.Connection, settings: SSHSettings, display: str) -> fabric.Connection:
+    """Open a ProxyJump hop (and the hops before it) through ``open_connection``: Fabric would open
+    it itself with AutoAddPolicy, so the jump host's key would never be checked."""
+    inner = gw.gateway if isinstance(gw.gateway, fabric.Connection) else None
+    before = _verified_gateway(inner, settings, display) if inner is not None else None
+    hop = HostTarget(name=f"{display} (jump host {gw.host})", host=gw.host, port=gw.port, user=gw.user)
+    try:
+        return open_connection(hop, settings, gateway=before)
+    except BaseException:
+        if before is not None:
+            before.close()
+        raise
+
+
+def open_connection(target: HostTarget, settings: SSHSettings | None = None, *,
+                    gateway: fabric.Connection | None = None) -> fabric.Connection:
     """Open and return a verified connection to ``target``; raise a ``RemoteError`` on failure.
 
-    The caller owns the connection (``conn.close()``). ``conn.transport`` is ready for raw channels.
+    The caller owns the connection (``conn.close()``, which also closes its jump hosts).
+    ``conn.transport`` is ready for raw channels. ProxyJump hops from ~/.ssh/config are opened
+    with the same host key policy and timeouts (``gateway`` is used internally for that).
     """
     settings = settings or SSHSettings()
     ssh_config = _ssh_config(settings) if target.use_ssh_config else paramiko.SSHConfig()
     config = fabric.Config(ssh_config=ssh_config)
-    conn = fabric.Connection(
+    conn = _Connection(
         target.host,
         user=target.user,
         port=target.port,
@@ -227,6 +253,10 @@ def open_connection(target: HostTarget, settings: SSHSettings | None = None) -> 
         connect_kwargs=_connect_kwargs(target, settings),
     )
     display = target.name
+    if gateway is not None:
+        conn.gateway = gateway
+    elif isinstance(conn.gateway, fabric.Connection):
+        conn.gateway = _verified_gateway(conn.gateway, settings, display)
     store = settings.store()
     entry = host_entry_name(conn.host, conn.port)
     for key_type, key in store.lookup(entry).items():

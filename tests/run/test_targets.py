@@ -96,3 +96,25 @@ def test_known_hosts_add_by_server_name_refuses_changed_key_without_replace(flee
     out = _cli(fleet, ["known-hosts-add", f"[{host.address}]:{host.port}", "--yes", "--replace"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert run_event(fleet.settings, RunRequest(event_id=ev), out=None).status == "SUCCESS"
+
+
+def test_proxyjump_hop_is_verified_and_used(fleet: Fleet, ssh_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    jump, target = ssh_hosts(2)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    for h in (jump, target):
+        (home / ".ssh" / h.name).write_text(h.private_key_text)
+        (home / ".ssh" / h.name).chmod(0o600)
+    (home / ".ssh" / "config").write_text(
+        f"Host behind-jump\n  HostName {target.address}\n  Port {target.port}\n  User {target.user}\n"
+        f"  IdentityFile {home / '.ssh' / target.name}\n  ProxyJump {jump.user}@{jump.address}:{jump.port}\n"
+        f"Host {jump.address}\n  IdentityFile {home / '.ssh' / jump.name}\n")
+    ev = add_event(fleet.db, content="echo via-jump")
+    trust(fleet.settings, target)  # the jump host is not trusted yet: strict must refuse it
+    out = _cli(fleet, ["run-event", "--id", str(ev), "--hosts", "behind-jump", "--json"], tmp_path, HOME=str(home))
+    h = json.loads(out.stdout)["hosts"][0]
+    assert h["status"] == "unreachable" and h["error_kind"] == "host-key-unknown" and "jump host" in h["error"]
+    trust(fleet.settings, jump)
+    out = _cli(fleet, ["run-event", "--id", str(ev), "--hosts", "behind-jump", "--json"], tmp_path, HOME=str(home))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["hosts"][0]["stdout"] == "via-jump\n"
