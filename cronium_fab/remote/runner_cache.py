@@ -73,7 +73,7 @@ def bootstrap_command(sha256: str, mode: str = "serve") -> str:
     sha = _check_sha(sha256)
     return (
         f"d={CACHE_DIR_SH}; command -v python3 >/dev/null 2>&1 || {{ echo CRONIUM-NO-PYTHON; exit 127; }}; "
-        f"exec python3 -c '{BOOT}' \"$d/runner-{sha}.pyz\" {sha} {mode}"
+        f"exec python3 -I -S -c '{BOOT}' \"$d/runner-{sha}.pyz\" {sha} {mode}"
     )
 
 
