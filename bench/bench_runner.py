@@ -67,6 +67,20 @@ def time_serve(py: str, pyz: str, data: bytes) -> float:
     return elapsed
 
 
+def time_bootstrap(env: dict[str, str], command: str, data: bytes) -> float:
+    """What a real SSH run executes: the bootstrap command (cache check, then the runner)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    proc.stdin.write(data)
+    proc.stdin.flush()
+    out = proc.stdout.read()
+    proc.wait()
+    proc.stdin.close()
+    elapsed = time.perf_counter() - t
+    assert b'"status":"success"' in out, out[-300:]
+    return elapsed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=50, help="iterations per way (default 50)")
@@ -81,9 +95,20 @@ def main() -> None:
         ppath = os.path.join(d, "payload.tar.gz")
         Path(ppath).write_bytes(payload)
         data = serve_input(payload)
+        from cronium_fab.build import sha256_file
+        from cronium_fab.remote.runner_cache import bootstrap_command, runner_file_name
+
+        sha = sha256_file(Path(pyz))
+        cache = Path(d) / "cache" / "cronium"
+        cache.mkdir(parents=True, mode=0o700)
+        shutil.copy(pyz, cache / runner_file_name(sha))
+        (cache / runner_file_name(sha)).chmod(0o600)
+        boot_env = dict(os.environ, XDG_CACHE_HOME=str(cache.parent),
+                        PATH=f"{os.path.dirname(args.python)}:/usr/bin:/bin")
         ways = {"bash -c true": lambda: time_direct(),
                 "runner run (hand)": lambda: time_hand(args.python, pyz, ppath),
-                "runner serve": lambda: time_serve(args.python, pyz, data)}
+                "runner serve": lambda: time_serve(args.python, pyz, data),
+                "bootstrap + serve (as over SSH)": lambda: time_bootstrap(boot_env, bootstrap_command(sha), data)}
         for f in ways.values():   # warm up caches
             f()
         times: dict[str, list[float]] = {k: [] for k in ways}
