@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from invoke import Context, Exit, task
@@ -79,12 +80,13 @@ def clean(c: Context) -> None:
 @task
 def lint(c: Context) -> None:
     """ruff, mypy and vermin (runner must stay Python 3.8-compatible)."""
-    c.run("ruff check .")
-    c.run("mypy")
-    c.run("vermin --no-tips -t=3.8- --violations runner/")
+    py = sys.executable  # the venv's tools, whether or not .venv/bin is on PATH
+    c.run(f"{py} -m ruff check .")
+    c.run(f"{py} -m mypy")
+    c.run(f"{py} -m vermin --no-tips -t=3.8- --violations runner/")
 
 
 @task
 def test(c: Context) -> None:
     """The whole test suite (needs sshd and PostgreSQL; see README)."""
-    c.run("python -m pytest -q", pty=False)
+    c.run(f"{sys.executable} -m pytest -q", pty=False)
