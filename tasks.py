@@ -83,7 +83,7 @@ def lint(c: Context) -> None:
     py = sys.executable  # the venv's tools, whether or not .venv/bin is on PATH
     c.run(f"{py} -m ruff check .")
     c.run(f"{py} -m mypy")
-    c.run(f"{py} -m vermin --no-tips -t=3.8- --violations runner/")
+    c.run(f"{Path(py).parent / 'vermin'} --no-tips -t=3.8- --violations runner/")
 
 
 @task
