@@ -53,7 +53,6 @@ HOST_STATES = ("success", "failure", "timeout", "unreachable", "cancelled")
 RUN_STATES = ("SUCCESS", "FAILURE", "PARTIAL", "TIMEOUT", "CANCELLED")
 DEFAULT_OUTPUT_CAP = 4 * 1024 * 1024
 KILL_GRACE = 5.0
-WATCHDOG_MARGIN = 30.0
 
 
 @dataclass
@@ -391,7 +390,7 @@ class EventRun:
             if self.mode == "bundled":
                 self._run_hosts()
             else:
-                lifetime = self.timeout + KILL_GRACE + WATCHDOG_MARGIN + settings.setup_timeout + 300
+                lifetime = self.timeout + KILL_GRACE + settings.watchdog_margin + settings.setup_timeout + 300
                 with HelperAPI(db, secret=settings.api_secret, lifetime_s=lifetime) as api:
                     self.api = api
                     try:
@@ -482,7 +481,7 @@ class EventRun:
                     if res.error is None:
                         run = run_on_host(conn, self.runner, self._header(target, res, api_header),
                                           self.payload.content.data, on_record=on_record, cancel=self.cancel,
-                                          watchdog_s=self.timeout + KILL_GRACE + WATCHDOG_MARGIN,
+                                          watchdog_s=self.timeout + KILL_GRACE + self.settings.watchdog_margin,
                                           setup_timeout_s=self.settings.setup_timeout)
                         _apply_run(res, run)
                         if run.error_kind in ("watchdog-timeout", "disconnected", "setup-timeout"):

@@ -67,6 +67,9 @@ class Settings:
     connect_timeout: float = 10.0
     setup_timeout: float = 60.0
     keepalive: float = 5.0
+    # the controller gives up on a host this long after the runner's own timeout + kill grace should
+    # have ended it (a frozen or cut-off peer)
+    watchdog_margin: float = 30.0
     api_secret: str | None = field(default=None, repr=False)  # HS256 secret for API-mode tokens
 
     @property
@@ -88,6 +91,7 @@ class Settings:
             parallel=_env_int("CRONIUM_FAB_PARALLEL", 32),
             connect_timeout=_env_float("CRONIUM_FAB_CONNECT_TIMEOUT", 10.0),
             setup_timeout=_env_float("CRONIUM_FAB_SETUP_TIMEOUT", 60.0),
+            watchdog_margin=_env_float("CRONIUM_FAB_WATCHDOG_MARGIN", 30.0),
             api_secret=os.environ.get("CRONIUM_FAB_API_SECRET") or None,
         )
         s.validate()

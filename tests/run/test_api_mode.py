@@ -182,3 +182,31 @@ def test_bundled_mode_is_still_available(fleet: Fleet, ssh_hosts) -> None:  # ty
                    servers=[sid])
     h = _run(fleet, ev, mode="bundled").hosts[0]
     assert (h.helper_mode, h.output) == ("bundled", "bundled")
+
+
+@pytest.mark.timeout(150)  # a hang (Paramiko waiting forever on the frozen peer) fails here
+def test_frozen_host_in_api_mode_ends_as_timeout_not_a_hang(fleet: Fleet, ssh_hosts, ssh_pool) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import subprocess
+
+    (host,) = ssh_hosts(1, exclusive=True)
+    ev = fleet.event([host], "echo started; sleep 100", timeout_value=2)
+    frozen: list[int] = []
+
+    def freeze() -> None:  # SIGSTOP the host's SSH session processes: the peer neither answers nor dies
+        time.sleep(1.0)
+        sshd = subprocess.run(["pgrep", "-f", f"sshd -f {host.config_path}"], capture_output=True, text=True).stdout.split()
+        for parent in sshd:
+            for pid in subprocess.run(["pgrep", "-P", parent], capture_output=True, text=True).stdout.split():
+                os.kill(int(pid), signal.SIGSTOP)
+                frozen.append(int(pid))
+
+    t = threading.Thread(target=freeze)
+    t.start()
+    result = run_event(fleet.settings.with_(watchdog_margin=2.0), RunRequest(event_id=ev, helper_mode="api"), out=None)
+    t.join()
+    assert frozen, "no session process was frozen"
+    h = result.hosts[0]
+    assert result.status == "TIMEOUT" and h.status == "timeout" and h.error_kind == "watchdog-timeout"
+    with fleet.db.session() as s:
+        assert s.scalars(select(Execution)).one().status == "timeout"
