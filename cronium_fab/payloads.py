@@ -239,27 +239,27 @@ class PayloadStore:
         return BuiltPayload(event_id, version, path, content.sha256, len(content.data), changed)
 
     # -- run path ----------------------------------------------------------------------------
+    @staticmethod
+    def _current(row: RunnerPayload | None, content: PayloadContent) -> bool:
+        return row is not None and row.checksum == content.sha256 and Path(row.payload_path).exists()
+
     def is_stale(self, session: Session, event_id: int) -> bool:
         """True when the event has no active payload, or its script/type changed since it was built."""
         event = get_event(session, event_id)
-        active = active_payload_row(session, event_id)
-        if active is None:
-            return True
-        return active.checksum != content_for_event(event).sha256 or not Path(active.payload_path).exists()
+        return not self._current(active_payload_row(session, event_id), content_for_event(event))
 
     def load_verified(self, event_id: int, *, _retry: bool = True) -> VerifiedPayload:
         """The event's active payload, rebuilt first when stale, with its signature verified."""
         with self.db.session() as s:
-            stale = self.is_stale(s, event_id)
+            expected = content_for_event(get_event(s, event_id))
+            row = active_payload_row(s, event_id)
         rebuilt = False
-        if stale:
+        if not self._current(row, expected):
             self.build(event_id)
             rebuilt = True
-        with self.db.session() as s:
-            event = get_event(s, event_id)
-            row = active_payload_row(s, event_id)
-            assert row is not None
-            expected = content_for_event(event)
+            with self.db.session() as s:
+                row = active_payload_row(s, event_id)
+        assert row is not None
         path = Path(row.payload_path)
         pub = load_public_key(self.public_key)
         hint = (f"If nobody tampered with it (another database or checkout using the same payload directory "
