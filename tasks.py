@@ -14,7 +14,7 @@ from pathlib import Path
 
 from invoke import Context, Exit, task
 
-from cronium_fab.errors import CroniumFabError
+from cronium_fab.cli import user_errors
 from cronium_fab.settings import Settings
 
 
@@ -24,6 +24,7 @@ def _passphrase() -> bytes | None:
 
 
 @task(help={"force": "replace existing keys", "passphrase": "protect the key with CRONIUM_FAB_KEY_PASSPHRASE"})
+@user_errors
 def keygen(c: Context, force: bool = False, passphrase: bool = False) -> None:
     """Create the signing key pair (keys/cosign.key, keys/cosign.pub)."""
     from cronium_fab.signing import generate_keypair
@@ -32,10 +33,7 @@ def keygen(c: Context, force: bool = False, passphrase: bool = False) -> None:
     pw = _passphrase()
     if passphrase and not pw:
         raise Exit("inv keygen --passphrase: set CRONIUM_FAB_KEY_PASSPHRASE in the environment first", code=2)
-    try:
-        fp = generate_keypair(s.signing_key, s.public_key, pw if passphrase else None, force=force)
-    except CroniumFabError as exc:
-        raise Exit(f"keygen: {exc}", code=2) from None
+    fp = generate_keypair(s.signing_key, s.public_key, pw if passphrase else None, force=force)
     print(f"wrote {s.signing_key} and {s.public_key} ({fp})")
 
 
@@ -52,19 +50,17 @@ def build(c: Context) -> None:
 
 
 @task
+@user_errors
 def sign(c: Context) -> None:
     """Sign dist/cronium-runner.pyz (writes .sig, cosign-compatible) and check the signature."""
     from cronium_fab.signing import fingerprint, load_private_key, load_public_key, sign_file, verify_file
 
     s = Settings.from_env()
-    try:
-        if not s.runner_path.exists():
-            raise Exit(f"{s.runner_path} does not exist: run `inv build` first", code=2)
-        key = load_private_key(s.signing_key, _passphrase())
-        sig = sign_file(s.runner_path, key)
-        verify_file(s.runner_path, load_public_key(s.public_key))
-    except CroniumFabError as exc:
-        raise Exit(f"sign: {exc}", code=2) from None
+    if not s.runner_path.exists():
+        raise Exit(f"{s.runner_path} does not exist: run `inv build` first", code=2)
+    key = load_private_key(s.signing_key, _passphrase())
+    sig = sign_file(s.runner_path, key)
+    verify_file(s.runner_path, load_public_key(s.public_key))
     print(f"signed {s.runner_path} -> {sig} ({fingerprint(key.public_key())})")
 
 
