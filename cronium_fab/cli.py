@@ -333,14 +333,16 @@ def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
         from .db.models import Server
 
         db = Database(settings.database_url)
-        if db.sqlite_path is None or db.sqlite_path.exists():
-            from sqlalchemy import or_, select
+        try:
+            if db.sqlite_path is None or db.sqlite_path.exists():
+                from sqlalchemy import or_, select
 
-            with db.session() as s:
-                row = s.scalars(select(Server).where(or_(Server.name == host, Server.address == host))).first()
-                if row is not None:
-                    return row.address, row.port or 22
-        db.dispose()
+                with db.session() as s:
+                    row = s.scalars(select(Server).where(or_(Server.name == host, Server.address == host))).first()
+                    if row is not None:
+                        return row.address, row.port or 22
+        finally:
+            db.dispose()
     return host, int(port_s or 22)
 
 
