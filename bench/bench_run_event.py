@@ -4,7 +4,9 @@ Run by hand (not a test): ``.venv/bin/python bench/bench_run_event.py [--hosts 1
 Everything is measured in the same run on the same local sshd hosts, and reported as ratios:
 
 - ``cronium-fab``: the CLI, as the Cronium backend calls it (``run-event --id N --quiet``), runner
-  already cached on every host (warm path: one exec per host).
+  already cached on every host (warm path: one exec per host), without a worker (``CRONIUM_FAB_WORKER=off``:
+  a fresh interpreter that imports everything) and served by a running ``cronium-fab worker``
+  (docs/WORKER.md: the client hands the command to a fork of an already-loaded process).
 - ``ssh``: the OpenSSH client, ``ssh host true``; many hosts in parallel with ``xargs -P``.
 - ``fabric``: ``fabric.ThreadingGroup(...).run('true')`` with fresh connections, as a program
   (``python -c``), so both sides pay for interpreter start-up and imports.
@@ -101,6 +103,20 @@ def cli_env(settings: Settings) -> dict[str, str]:
                 CRONIUM_FAB_HELPER_MODE="bundled", CRONIUM_FAB_PARALLEL="64")
 
 
+def start_worker(py: str, env: dict[str, str], work: Path) -> subprocess.Popen[bytes]:
+    """A `cronium-fab worker` on ``env``'s socket; it serves every size (each client brings its own env)."""
+    log = work / "worker.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen([str(Path(py).parent / "cronium-fab"), "worker"], env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while "listening on" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"worker did not start: {log.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
 def ssh_cmd(h: DevHost, known: Path) -> str:
     return (f"ssh -o BatchMode=yes -o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes "
             f"-o GlobalKnownHostsFile=/dev/null -i {h.private_key_path} -p {h.port} {h.user}@{h.address} true")
@@ -132,6 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cfab-bench-") as tmp:
         work = Path(tmp)
         pool = DevHostPool(work / "hosts")
+        worker: subprocess.Popen[bytes] | None = None
         try:
             all_hosts = pool.add_hosts(max(sizes), ready_timeout=60)
             print(f"# {max(sizes)} local sshd hosts, {args.reps} repetitions, medians in seconds\n")
@@ -147,10 +164,13 @@ def main() -> None:
                 sub = work / f"n{n}"
                 sub.mkdir()
                 settings, event, known = setup(sub, hosts)
-                env = cli_env(settings)
+                env = dict(cli_env(settings), CRONIUM_FAB_WORKER_SOCKET=str(work / "w.sock"))
                 cli = [str(Path(py).parent / "cronium-fab"), "run-event", "--id", str(event), "--quiet"]
+                if worker is None:
+                    worker = start_worker(py, env, work)
                 timed(cli, env)  # warm: installs the runner on every host
-                t_cli = median_of(lambda: timed(cli, env), args.reps)  # noqa: B023
+                t_cli = median_of(lambda: timed(cli, dict(env, CRONIUM_FAB_WORKER="off")), args.reps)  # noqa: B023
+                t_wcli = median_of(lambda: timed(cli, env), args.reps)  # noqa: B023
                 if n == 1:
                     t_ssh = median_of(lambda: timed(ssh_cmd(hosts[0], known), shell=True), args.reps)  # noqa: B023
                 else:
@@ -186,20 +206,29 @@ def main() -> None:
 
                 t_lib = median_of(lib_run, args.reps)
                 t_libfab = median_of(lib_fab, args.reps)
-                rows.append((n, t_cli, t_ssh, t_fab, t_lib, t_libfab))
+                rows.append((n, t_cli, t_wcli, t_ssh, t_fab, t_lib, t_libfab))
                 phases.append((n, statistics.median(cpu["lib"]), statistics.median(cpu["tg"]),
                                *host_phases(settings)))
-            print("\n hosts | cronium-fab CLI | ssh (xargs -P) | fabric program | ratio vs ssh | ratio vs fabric "
-                  "| run_event() lib | ThreadingGroup lib | lib ratio")
-            for n, t_cli, t_ssh, t_fab, t_lib, t_libfab in rows:
-                print(f" {n:5d} | {t_cli:15.3f} | {t_ssh:14.3f} | {t_fab:14.3f} | {t_cli / t_ssh:11.2f}x | "
-                      f"{t_cli / t_fab:14.2f}x | {t_lib:15.3f} | {t_libfab:18.3f} | {t_lib / t_libfab:8.2f}x")
+            print("\n CLI without a worker (fresh interpreter + imports) and served by `cronium-fab worker`")
+            print(" hosts | CLI, no worker | CLI via worker | ssh (xargs -P) | fabric program | no worker vs ssh "
+                  "| worker vs ssh | no worker vs fabric | worker vs fabric")
+            for n, t_cli, t_wcli, t_ssh, t_fab, _, _ in rows:
+                print(f" {n:5d} | {t_cli:14.3f} | {t_wcli:14.3f} | {t_ssh:14.3f} | {t_fab:14.3f} | "
+                      f"{t_cli / t_ssh:15.2f}x | {t_wcli / t_ssh:12.2f}x | {t_cli / t_fab:18.2f}x | "
+                      f"{t_wcli / t_fab:15.2f}x")
+            print("\n in one running process: run_event() vs fabric.ThreadingGroup(...).run('true')")
+            print(" hosts | run_event() lib | ThreadingGroup lib | lib ratio")
+            for n, _, _, _, _, t_lib, t_libfab in rows:
+                print(f" {n:5d} | {t_lib:15.3f} | {t_libfab:18.3f} | {t_lib / t_libfab:8.2f}x")
             print("\n where a library run's time goes (medians): controller CPU of run_event() vs ThreadingGroup,")
             print(" and per host: set-up (connect + bootstrap until the runner answers) and script execution")
             print(" hosts | controller CPU run_event | controller CPU ThreadingGroup | host set-up | host execution")
             for n, c_lib, c_tg, setup_ms, exec_ms in phases:
                 print(f" {n:5d} | {c_lib:24.3f} | {c_tg:29.3f} | {setup_ms / 1000:11.3f} | {exec_ms / 1000:14.3f}")
         finally:
+            if worker is not None:
+                worker.terminate()
+                worker.wait(timeout=30)
             pool.stop()
 
 

@@ -346,9 +346,21 @@ def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
     return host, int(port_s or 22)
 
 
+@task(name="worker", auto_shortflags=False, help={"socket": "listen here (default: <data dir>/worker.sock, "
+                                                             "env CRONIUM_FAB_WORKER_SOCKET)"})
+@user_errors
+def worker(c: Any, socket: str | None = None) -> None:
+    """Keep cronium-fab loaded and serve this user's `cronium-fab` commands in forks (docs/WORKER.md)."""
+    from .worker import serve
+
+    code = serve(socket)
+    if code:
+        raise Exit(code=code)
+
+
 def build_namespace() -> Collection:
     ns = Collection()
-    for t in (db_init, load, payload_build, events, run_event, known_hosts_add):
+    for t in (db_init, load, payload_build, events, run_event, known_hosts_add, worker):
         ns.add_task(t)
     return ns
 

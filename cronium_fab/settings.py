@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import launch
 from .errors import ConfigError
 
 HOST_KEY_POLICIES = ("strict", "accept-new")
@@ -18,11 +19,7 @@ HELPER_MODES = ("auto", "api", "bundled")
 
 
 def default_data_dir() -> Path:
-    explicit = os.environ.get("CRONIUM_FAB_DATA_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "cronium-fab"
+    return Path(launch.data_dir())
 
 
 def default_database_url() -> str:
