@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
 import pytest
+from sqlalchemy import select
 
 from cronium_fab.build import build_runner
 from cronium_fab.db.engine import Database
+from cronium_fab.db.models import Execution, Job, Log
 from cronium_fab.devhosts import DevHost
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
 from cronium_fab.settings import Settings
 from cronium_fab.signing import load_private_key, sign_file
 from tests.factories import add_event, add_server
+from tests.procs import procs_with
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,3 +74,38 @@ class Fleet:
 @pytest.fixture
 def fleet(db: Database, settings: Settings, signed_runner: Path) -> Fleet:
     return Fleet(db, settings.with_(runner_path=signed_runner, helper_mode="bundled"))
+
+
+def start_long_run(fleet: Fleet, host: DevHost, program: list[str], env: dict[str, str],
+                   cwd: Path) -> tuple[subprocess.Popen[str], str]:
+    """``program run-event`` of a script that sleeps under a unique name; returns once it started."""
+    marker = f"cfab-long-{time.monotonic_ns()}"
+    ev = fleet.event([host], f'echo started; exec -a "{marker}" sleep 120')
+    proc = subprocess.Popen([*program, "run-event", "--id", str(ev)], env=env, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "started" in line:
+            break
+    return proc, marker
+
+
+def wait_gone(marker: str, timeout: float = 5.0) -> list[int]:
+    """Waits until no process has ``marker`` in its argv; returns those left."""
+    deadline = time.monotonic() + timeout
+    while procs_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return procs_with(marker)
+
+
+def assert_ctrl_c_cancels(fleet: Fleet, host: DevHost, program: list[str], env: dict[str, str], cwd: Path) -> None:
+    """Ctrl-C of the controller program: exit 5, no remote process left, `cancelled` recorded."""
+    proc, marker = start_long_run(fleet, host, program, env, cwd)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 5, rest
+    assert wait_gone(marker) == []
+    with fleet.db.session() as s:
+        assert s.scalars(select(Execution)).one().status == "cancelled"
+        assert s.scalars(select(Job)).one().status == "cancelled"
+        assert s.scalars(select(Log)).one().status == "FAILURE"

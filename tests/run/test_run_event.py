@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from cronium_fab.db.models import Event, Execution, Job, Log, RunnerDeployment, 
 from cronium_fab.execute import RunRequest, run_event
 from cronium_fab.records import new_job_id
 from tests.procs import procs_with, watch_argv
-from tests.run.conftest import ROOT, Fleet
+from tests.run.conftest import ROOT, Fleet, assert_ctrl_c_cancels
 
 pytestmark = pytest.mark.ssh
 
@@ -225,25 +224,8 @@ def test_fab_dash_h_runs_once_across_hosts_in_parallel(fleet: Fleet, ssh_hosts, 
 
 def test_ctrl_c_cancels_remote_script_and_records_cancelled(fleet: Fleet, ssh_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (host,) = ssh_hosts(1)
-    marker = f"cfab-cancel-{time.monotonic_ns()}"
-    ev = fleet.event([host], f'echo started; exec -a "{marker}" sleep 120')
-    proc = subprocess.Popen([sys.executable, "-m", "cronium_fab", "run-event", "--id", str(ev)],
-                            env=fleet.env(), stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "started" in line:
-            break
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 5, rest
-    deadline = time.monotonic() + 5
-    while procs_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert procs_with(marker) == []
-    with fleet.db.session() as s:
-        assert s.scalars(select(Execution)).one().status == "cancelled"
-        assert s.scalars(select(Job)).one().status == "cancelled"
-        assert s.scalars(select(Log)).one().status == "FAILURE"
+    assert_ctrl_c_cancels(fleet, host, [sys.executable, "-m", "cronium_fab"], dict(fleet.env(), CRONIUM_FAB_WORKER="off"),
+                          tmp_path)
 
 
 def test_tampered_local_runner_is_refused_before_anything_is_written(fleet: Fleet, ssh_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

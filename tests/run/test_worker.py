@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from cronium_fab.db.models import Execution, Job, UserVariable
+from cronium_fab.db.models import Execution, UserVariable
 from tests.procs import procs_with
-from tests.run.conftest import ROOT, Fleet
+from tests.run.conftest import ROOT, Fleet, assert_ctrl_c_cancels, start_long_run
 
 pytestmark = pytest.mark.ssh
 CLIENT = str(Path(sys.executable).parent / "cronium-fab")
@@ -110,37 +110,13 @@ def test_usage_error_through_worker_keeps_message_and_code(fleet: Fleet, worker:
 def test_ctrl_c_of_client_cancels_run_served_by_worker(fleet: Fleet, ssh_hosts, worker: RunningWorker,  # type: ignore[no-untyped-def]
                                                        tmp_path: Path) -> None:
     (host,) = ssh_hosts(1)
-    marker = f"cfab-wcancel-{time.monotonic_ns()}"
-    ev = fleet.event([host], f'echo started; exec -a "{marker}" sleep 120')
-    proc = subprocess.Popen([CLIENT, "run-event", "--id", str(ev)], env=worker.env, stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "started" in line:
-            break
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 5, rest
-    deadline = time.monotonic() + 5
-    while procs_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert procs_with(marker) == []
-    with fleet.db.session() as s:
-        assert s.scalars(select(Execution)).one().status == "cancelled"
-        assert s.scalars(select(Job)).one().status == "cancelled"
+    assert_ctrl_c_cancels(fleet, host, [CLIENT], worker.env, tmp_path)
     assert len(worker.served()) == 1
 
 
 def test_killed_client_cancels_its_run(fleet: Fleet, ssh_hosts, worker: RunningWorker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (host,) = ssh_hosts(1)
-    marker = f"cfab-wkill-{time.monotonic_ns()}"
-    ev = fleet.event([host], f'echo started; exec -a "{marker}" sleep 120')
-    proc = subprocess.Popen([CLIENT, "run-event", "--id", str(ev)], env=worker.env, stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "started" in line:
-            break
+    proc, marker = start_long_run(fleet, host, [CLIENT], worker.env, tmp_path)
     proc.kill()                      # no chance to forward anything: the worker's run sees the socket close
     proc.wait(timeout=10)
     deadline = time.monotonic() + 30
