@@ -192,34 +192,40 @@ def main() -> None:
 
                 import fabric
 
-                def lib_fab() -> float:
+                def lib_fab(cmd: str = "true") -> float:
                     t0, c0 = time.perf_counter(), time.process_time()
                     g = fabric.ThreadingGroup.from_connections([
                         fabric.Connection(h.address, user=h.user, port=h.port,
                                           connect_kwargs={"key_filename": [str(h.private_key_path)],
                                                           "look_for_keys": False, "allow_agent": False})
                         for h in hosts])  # noqa: B023
-                    g.run("true", hide=True, in_stream=False)
+                    g.run(cmd, hide=True, in_stream=False)
                     g.close()
-                    cpu["tg"].append(time.process_time() - c0)  # noqa: B023
+                    if cmd == "true":
+                        cpu["tg"].append(time.process_time() - c0)  # noqa: B023
                     return time.perf_counter() - t0
 
                 t_lib = median_of(lib_run, args.reps)
                 t_libfab = median_of(lib_fab, args.reps)
-                rows.append((n, t_cli, t_wcli, t_ssh, t_fab, t_lib, t_libfab))
+                # The floor of ANY Python runner: what starting a bare interpreter on every host costs.
+                t_libpy = median_of(lambda: lib_fab("python3 -I -S -c pass"), args.reps)
+                rows.append((n, t_cli, t_wcli, t_ssh, t_fab, t_lib, t_libfab, t_libpy))
                 phases.append((n, statistics.median(cpu["lib"]), statistics.median(cpu["tg"]),
                                *host_phases(settings)))
             print("\n CLI without a worker (fresh interpreter + imports) and served by `cronium-fab worker`")
             print(" hosts | CLI, no worker | CLI via worker | ssh (xargs -P) | fabric program | no worker vs ssh "
                   "| worker vs ssh | no worker vs fabric | worker vs fabric")
-            for n, t_cli, t_wcli, t_ssh, t_fab, _, _ in rows:
+            for n, t_cli, t_wcli, t_ssh, t_fab, *_ in rows:
                 print(f" {n:5d} | {t_cli:14.3f} | {t_wcli:14.3f} | {t_ssh:14.3f} | {t_fab:14.3f} | "
                       f"{t_cli / t_ssh:15.2f}x | {t_wcli / t_ssh:12.2f}x | {t_cli / t_fab:18.2f}x | "
                       f"{t_wcli / t_fab:15.2f}x")
-            print("\n in one running process: run_event() vs fabric.ThreadingGroup(...).run('true')")
-            print(" hosts | run_event() lib | ThreadingGroup lib | lib ratio")
-            for n, _, _, _, _, t_lib, t_libfab in rows:
-                print(f" {n:5d} | {t_lib:15.3f} | {t_libfab:18.3f} | {t_lib / t_libfab:8.2f}x")
+            print("\n in one running process: run_event() vs fabric.ThreadingGroup(...).run('true'), and the same group")
+            print(" running `python3 -I -S -c pass` (the floor of any Python runner: interpreter start-up on every host;")
+            print(" with local hosts, all of them share this machine's cores)")
+            print(" hosts | run_event() lib | ThreadingGroup true | lib ratio | TG python3 -c pass | its ratio to true")
+            for n, _, _, _, _, t_lib, t_libfab, t_libpy in rows:
+                print(f" {n:5d} | {t_lib:15.3f} | {t_libfab:19.3f} | {t_lib / t_libfab:8.2f}x | {t_libpy:18.3f} | "
+                      f"{t_libpy / t_libfab:16.2f}x")
             print("\n where a library run's time goes (medians): controller CPU of run_event() vs ThreadingGroup,")
             print(" and per host: set-up (connect + bootstrap until the runner answers) and script execution")
             print(" hosts | controller CPU run_event | controller CPU ThreadingGroup | host set-up | host execution")

@@ -255,11 +255,12 @@ def _proc_children() -> dict[int, list[int]]:
     return children
 
 
-def _process_tree(pid: int) -> list[int]:
+def _process_trees(roots: list[int]) -> list[int]:
+    """The roots and all their descendants (one scan of /proc for all of them)."""
     if not os.path.isdir("/proc"):
-        return [pid]
+        return list(roots)
     children = _proc_children()
-    out, todo = [], [pid]
+    out, todo = [], list(roots)
     while todo:
         p = todo.pop()
         out.append(p)
@@ -275,11 +276,16 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _kill_tree(pid: int, config_path: Path | None = None) -> None:
-    """SIGKILL an sshd and everything below it (sessions, runners, scripts): a host that dies."""
-    if config_path is not None and str(config_path) not in _cmdline(pid):
-        return  # not our sshd any more (pid reused): leave it alone
-    tree = _process_tree(pid)
+def _kill_trees(roots: list[tuple[int, Path | None]]) -> None:
+    """SIGKILL sshds and everything below them (sessions, runners, scripts): hosts that die.
+
+    A root given with its config path is only killed while its cmdline still names that config
+    (otherwise the pid was reused by someone else: leave it alone).
+    """
+    live = [pid for pid, config_path in roots if config_path is None or str(config_path) in _cmdline(pid)]
+    if not live:
+        return
+    tree = _process_trees(live)
     for p in tree:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGKILL)
@@ -289,6 +295,10 @@ def _kill_tree(pid: int, config_path: Path | None = None) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_cmdline(p) for p in tree):
         time.sleep(0.01)
+
+
+def _kill_tree(pid: int, config_path: Path | None = None) -> None:
+    _kill_trees([(pid, config_path)])
 
 
 class DevHostPool:
@@ -488,13 +498,17 @@ class DevHostPool:
     # --- stopping -------------------------------------------------------------------------
     def stop(self) -> None:
         """Kill every host of this pool (and their sessions); delete throwaway users."""
-        for host in self.hosts:
-            self.kill(host)
+        roots: list[tuple[int, Path | None]] = [(h.pid, h.config_path) for h in self.hosts if h.pid]
+        roots += [(proc.pid, None) for proc in self._procs.values()]
+        _kill_trees(roots)      # all at once: one scan of /proc, one wait, however many hosts
         for proc in self._procs.values():
             with contextlib.suppress(Exception):
-                _kill_tree(proc.pid)
                 proc.wait(timeout=10)
         self._procs.clear()
+        for host in self.hosts:
+            host.pid = None
+        if self._detach and self.hosts:
+            self.write_state()
         for user in self._users:
             subprocess.run(["userdel", user], capture_output=True)
         self._users.clear()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -214,13 +214,9 @@ class RunRecorder:
 
     def host_running(self, execution_id: str) -> None:
         now = utcnow()
-        with self._lock, self.db.session() as s:
-            row = s.get(Execution, execution_id)
-            if row is not None and row.status == "queued":
-                row.status = "running"
-                row.started_at = now
-                row.setup_started_at = now
-                row.updated_at = now
+        with self._lock, self.db.session() as s:   # one UPDATE, no SELECT: this runs once per host
+            s.execute(update(Execution).where(Execution.id == execution_id, Execution.status == "queued")
+                      .values(status="running", started_at=now, setup_started_at=now, updated_at=now))
 
     # -- per host --------------------------------------------------------------------------
     def host_finished(self, execution_id: str, *, status: str, exit_code: int | None, output: str,
