@@ -43,13 +43,23 @@ def socket_path() -> str:
 
 
 def code_fingerprint() -> str:
-    """Identifies the code a process runs: the interpreter and every module file of the package.
+    """Identifies the code a process runs: the interpreter, the package's module files (by content)
+    and the installed libraries (the site-packages directories change whenever pip installs,
+    upgrades or removes anything there).
 
     A worker started before an upgrade (or an edit of a checkout) must not serve the new command
     line with the old code; the client then runs the command itself.
     """
+    import hashlib
+
     root = os.path.dirname(os.path.abspath(__file__))
-    parts = [sys.executable, sys.version]
+    digest = hashlib.sha256()
+    digest.update(f"{os.path.realpath(sys.executable)}\n{sys.version}\n".encode())
+    for entry in sys.path:
+        if os.path.basename(entry) in ("site-packages", "dist-packages"):
+            with contextlib.suppress(OSError):
+                digest.update(f"{entry}:{os.stat(entry).st_mtime_ns}\n".encode())
+    files = []
     stack = [root]
     while stack:
         d = stack.pop()
@@ -58,10 +68,11 @@ def code_fingerprint() -> str:
                 if e.is_dir(follow_symlinks=False) and e.name != "__pycache__":
                     stack.append(e.path)
                 elif e.name.endswith(".py"):
-                    st = e.stat()
-                    parts.append(f"{os.path.relpath(e.path, root)}:{st.st_mtime_ns}:{st.st_size}")
-    parts[2:] = sorted(parts[2:])
-    return "\n".join(parts)
+                    files.append(e.path)
+    for path in sorted(files):
+        with open(path, "rb") as f:
+            digest.update(f"{os.path.relpath(path, root)}\n".encode() + f.read())
+    return digest.hexdigest()
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -97,8 +108,47 @@ def read_line(sock: socket.socket, buf: bytearray) -> dict[str, object]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _worker_session() -> tuple[socket.socket, bytearray] | None:
-    """A connection to a worker we may use, or None (then we run the command ourselves)."""
+class _Signals:
+    """Our SIGINT/SIGTERM/SIGHUP while a worker runs the command: queued until its run process is
+    known, then forwarded to it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.sock: socket.socket | None = None
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                send_frame_line(self.sock, {"signal": signum})
+
+    def forward_to(self, sock: socket.socket) -> None:
+        for signum in self.received:
+            with contextlib.suppress(OSError):
+                send_frame_line(sock, {"signal": signum})
+        self.sock = sock
+
+    def restore(self) -> None:
+        """Back to normal handling; a signal that came in meanwhile is delivered to us now."""
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        if self.received:
+            die_of(self.received[-1])
+
+
+def die_of(signum: int) -> None:
+    """End this process by ``signum``, as if it had arrived with its default action."""
+    if signum == signal.SIGINT and signal.getsignal(signum) is signal.default_int_handler:
+        raise KeyboardInterrupt
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _worker_session(signals: _Signals) -> tuple[socket.socket, bytearray] | None:
+    """A connection to a worker that has agreed to run our command, or None (then we run it)."""
     if os.environ.get("CRONIUM_FAB_WORKER", "").lower() in ("off", "0", "no", "false"):
         return None
     path = socket_path()
@@ -106,40 +156,44 @@ def _worker_session() -> tuple[socket.socket, bytearray] | None:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     buf = bytearray()
+    cwd = -1
     try:
         sock.settimeout(5.0)
         sock.connect(path)
         if peer_uid(sock) != os.getuid():   # never hand our environment to another user's process
             raise OSError("the worker socket belongs to another user")
+        # Wait until a fork of the worker answers before handing over any file descriptor: fds
+        # in flight to a stuck worker would keep our caller's pipes open after we ran it here.
+        if read_line(sock, buf).get("protocol") != PROTOCOL:
+            raise ValueError("not a cronium-fab worker of this version")
         umask = os.umask(0o077)
         os.umask(umask)
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)   # our directory, even if renamed
         send_frame(sock, {"protocol": PROTOCOL, "fingerprint": code_fingerprint(), "argv": sys.argv,
-                          "env": dict(os.environ), "cwd": os.getcwd(), "umask": umask}, fds=[0, 1, 2])
+                          "env": dict(os.environ), "umask": umask}, fds=[0, 1, 2, cwd])
         reply = read_line(sock, buf)
+        if "pid" in reply:
+            # Only now may it start: had we given up waiting (timeout), it sees EOF and never runs,
+            # so a command can never run twice (there and here).
+            send_frame_line(sock, {"go": True})
     except (OSError, ValueError):
         sock.close()
         return None
+    finally:
+        if cwd >= 0:
+            os.close(cwd)
     if "pid" not in reply:
         if reply.get("fallback"):
             print(f"cronium-fab: {reply['fallback']}; running the command in this process", file=sys.stderr)
         sock.close()
         return None
     sock.settimeout(None)
+    signals.forward_to(sock)
     return sock, buf
 
 
-def _follow(sock: socket.socket, buf: bytearray) -> int:
-    """Forward our signals to the worker's run process and wait for its exit status."""
-
-    forwarded: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        forwarded.append(signum)
-        with contextlib.suppress(OSError):
-            send_frame_line(sock, {"signal": signum})
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+def _follow(sock: socket.socket, buf: bytearray, signals: _Signals) -> int:
+    """Wait for the exit status of the worker's run process (our signals are forwarded to it)."""
     while True:
         try:
             doc = read_line(sock, buf)
@@ -147,10 +201,13 @@ def _follow(sock: socket.socket, buf: bytearray) -> int:
             break
         if not doc:
             break
+        if isinstance(doc.get("signal"), int):     # it died of a signal: so do we
+            die_of(int(doc["signal"]))  # type: ignore[call-overload]
         if "exit" in doc:
             return int(doc["exit"])  # type: ignore[call-overload]
-    if forwarded:   # it died of the signal we passed on, as this process would have
-        return 128 + forwarded[-1]
+    if signals.received:   # it died of the signal we passed on, as this process would have
+        die_of(signals.received[-1])
+        return 128 + signals.received[-1]
     print("cronium-fab: error: the worker's run process ended without an exit status "
           "(killed?); check the worker's log", file=sys.stderr)
     return 6   # EXIT_INTERNAL
@@ -158,9 +215,11 @@ def _follow(sock: socket.socket, buf: bytearray) -> int:
 
 def main() -> None:
     if sys.argv[1:2] != ["worker"]:
-        session = _worker_session()
+        signals = _Signals()
+        session = _worker_session(signals)
         if session is not None:
-            sys.exit(_follow(*session))
+            sys.exit(_follow(*session, signals))
+        signals.restore()
     from .cli import main as run_here
 
     run_here()

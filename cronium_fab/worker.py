@@ -58,7 +58,8 @@ class Worker:
         self.path = path
         self.log_file = log or sys.stderr
         self.fingerprint = ""
-        self.children: dict[int, str] = {}
+        self.children: set[int] = set()
+        self.commands: frozenset[str] = frozenset()
         self.stopping = False
         self._lock_fd = -1
         self._listener: socket.socket | None = None
@@ -118,6 +119,9 @@ class Worker:
     def serve(self) -> int:
         for name in PRELOAD:
             importlib.import_module(name)
+        from .cli import build_namespace
+
+        self.commands = frozenset(build_namespace().task_names)
         self.fingerprint = launch.code_fingerprint()
         _ensure_std_fds()
         self.bind()
@@ -136,7 +140,12 @@ class Worker:
                     ready = []
                 self._reap()
                 if ready and not self.stopping:
-                    conn, _ = self._listener.accept()
+                    try:
+                        conn, _ = self._listener.accept()
+                    except OSError as exc:      # e.g. out of file descriptors: keep serving
+                        self.log(f"accept failed: {exc}")
+                        time.sleep(0.1)
+                        continue
                     self._handle(conn)
         finally:
             for sig, prev in previous.items():
@@ -155,39 +164,65 @@ class Worker:
                 return
             if pid == 0:
                 return
-            what = self.children.pop(pid, "?")
-            self.log(f"run {pid} ({what}) ended: exit {os.waitstatus_to_exitcode(status)}")
+            if pid in self.children:
+                self.children.discard(pid)
+                code = os.waitstatus_to_exitcode(status)
+                self.log(f"run {pid} ended: " + (f"exit {code}" if code >= 0 else f"killed by signal {-code}"))
 
     def _handle(self, conn: socket.socket) -> None:
-        fds: list[int] = []
+        """Check who is calling, then fork at once: the child talks to the client, so a slow or
+        stuck client never holds up the others."""
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
             uid = launch.peer_uid(conn)
             if uid != os.getuid():
                 self.log(f"refused a connection from uid {uid}")
                 return
-            doc, fds = _receive_request(conn)
-            if doc.get("protocol") != launch.PROTOCOL or doc.get("fingerprint") != self.fingerprint:
-                launch.send_frame_line(conn, {"fallback": f"the worker at {self.path} runs other code than this "
-                                                          "command (restart it after an upgrade)"})
-                return
-            argv = [str(a) for a in doc["argv"]]
             pid = os.fork()
             if pid == 0:
                 code = EXIT_INTERNAL
                 try:
-                    code = _child(conn, fds, doc)
+                    code = self._child(conn)
                 finally:
                     os._exit(code)
-            what = " ".join(argv[1:3])
-            self.children[pid] = what
-            self.log(f"run {pid}: {what}")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            self.log(f"bad request: {exc}")
+            self.children.add(pid)
+        except Exception as exc:   # one bad connection must never end the worker
+            self.log(f"could not serve a connection: {exc}")
+        finally:
+            conn.close()
+
+    def _child(self, conn: socket.socket) -> int:
+        """In the fork: read the request; unless it is for other code, become the client's command."""
+        assert self._listener is not None
+        self._listener.close()       # a worker restarted while we run must be able to listen and lock
+        os.close(self._lock_fd)
+        conn.settimeout(REQUEST_TIMEOUT)
+        try:
+            launch.send_frame_line(conn, {"protocol": launch.PROTOCOL, "ready": os.getpid()})
+            doc, fds = _receive_request(conn)
+        except (OSError, ValueError) as exc:
+            self.log(f"no command from a client (it gave up waiting, or sent a bad request): {exc}")
+            return 0
+        try:
+            if doc.get("protocol") != launch.PROTOCOL or doc.get("fingerprint") != self.fingerprint:
+                launch.send_frame_line(conn, {"fallback": f"the worker at {self.path} runs other code than this "
+                                                          "command (restart it after an upgrade)"})
+                return 0
+            argv = [str(a) for a in doc["argv"]]
+            command = next((a for a in argv[1:] if a in self.commands), "-")   # never arguments: they may be secret
+            try:
+                launch.send_frame_line(conn, {"pid": os.getpid()})
+                go = launch.read_line(conn, bytearray()).get("go") is True
+            except (OSError, ValueError):
+                go = False
+            if not go:
+                self.log(f"run {os.getpid()}: {command}: the client gave up before the start; not run")
+                return 0
+            self.log(f"run {os.getpid()}: {command}")
+            return _run_command(conn, fds, doc, argv)
         finally:
             for fd in fds:
-                os.close(fd)
-            conn.close()
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _ensure_std_fds() -> None:
@@ -203,8 +238,9 @@ def _ensure_std_fds() -> None:
 
 
 def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """The client's request: a JSON object and its stdin, stdout, stderr and working directory."""
     size = launch.HEADER.size
-    data, anc, _flags, _addr = conn.recvmsg(size, socket.CMSG_SPACE(3 * array.array("i").itemsize))
+    data, anc, _flags, _addr = conn.recvmsg(size, socket.CMSG_SPACE(4 * array.array("i").itemsize))
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -226,9 +262,12 @@ def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
             if not more:
                 raise ValueError("connection closed in the request")
             body += more
-        doc = json.loads(body)
-        if len(fds) != 3 or not isinstance(doc, dict):
-            raise ValueError("a request carries a JSON object and exactly 3 file descriptors")
+        try:
+            doc = json.loads(body)
+        except RecursionError:
+            raise ValueError("request nested too deeply") from None
+        if len(fds) != 4 or not isinstance(doc, dict):
+            raise ValueError("a request carries a JSON object and exactly 4 file descriptors")
         return doc, fds
     except BaseException:
         for fd in fds:
@@ -236,29 +275,30 @@ def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
         raise
 
 
-def _child(conn: socket.socket, fds: list[int], doc: dict[str, Any]) -> int:
-    """In the fork: become the client's command, run it, report its exit status."""
+def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv: list[str]) -> int:
+    """Become the client's command: its stdio, directory, umask, environment and argv; run it;
+    report how it ended."""
     os.setsid()    # the worker's terminal signals are not ours; our client forwards its own
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    for target, fd in enumerate(fds):
+    for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
+    os.fchdir(fds[3])
     for fd in fds:
         os.close(fd)
     fds.clear()
     os.umask(int(doc["umask"]))
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in doc["env"].items()})
-    sys.argv = [str(a) for a in doc["argv"]]
+    sys.argv = argv
     _reopen_stdio()
     finished = threading.Event()
     conn.settimeout(None)
-    launch.send_frame_line(conn, {"pid": os.getpid()})
     threading.Thread(target=_watch_client, args=(conn, finished), name="client-watch", daemon=True).start()
-    code = EXIT_INTERNAL
+    code: int = EXIT_INTERNAL
+    died_of: int | None = None
     try:
-        os.chdir(str(doc["cwd"]))
         from .cli import main
 
         main()
@@ -268,31 +308,42 @@ def _child(conn: socket.socket, fds: list[int], doc: dict[str, Any]) -> int:
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
     except KeyboardInterrupt:
-        code = 130
-    except OSError as exc:
-        print(f"cronium-fab: error: {exc}", file=sys.stderr)
-        code = EXIT_INTERNAL
+        traceback.print_exc()
+        died_of = int(signal.SIGINT)   # as Python does: an uncaught KeyboardInterrupt ends us by SIGINT
     except BaseException:
         traceback.print_exc()
-        code = EXIT_INTERNAL
+        code = 1                       # as Python exits on an uncaught exception
     finally:
         finished.set()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:   # e.g. the reader of our stdout is gone: as Python, exit 120
+        print(f"Exception ignored flushing sys.stdout: {exc!r}", file=sys.stderr)
+        code = code or 120
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     with contextlib.suppress(OSError):
-        launch.send_frame_line(conn, {"exit": code})
+        launch.send_frame_line(conn, {"signal": died_of} if died_of else {"exit": code})
     return code
 
 
 def _reopen_stdio() -> None:
-    """New sys.std* on fds 0-2, buffered as Python would for the client's files."""
-    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
-    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), encoding="utf-8",  # noqa: SIM115
-                                  line_buffering=os.isatty(1))
-    sys.stderr = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), encoding="utf-8",  # noqa: SIM115
-                                  errors="backslashreplace", line_buffering=True)
+    """New sys.std* on fds 0-2, set up as Python sets them up for a process started with the
+    client's environment: UTF-8 (or ``PYTHONIOENCODING``), stdout line-buffered on a terminal and
+    block-buffered otherwise, everything unbuffered with ``PYTHONUNBUFFERED``."""
+    encoding, _, errors = (os.environ.get("PYTHONIOENCODING") or "").partition(":")
+    encoding = encoding or "utf-8"
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+
+    def writer(fd: int, errors_default: str, line: bool) -> io.TextIOWrapper:
+        raw = open(fd, "wb", buffering=0 if unbuffered else -1, closefd=False)  # noqa: SIM115
+        return io.TextIOWrapper(raw, encoding=encoding, errors=errors or errors_default,
+                                line_buffering=line and not unbuffered, write_through=unbuffered)
+
+    sys.stdin = open(0, encoding=encoding, errors=errors or "strict", closefd=False)  # noqa: SIM115
+    sys.stdout = writer(1, "strict", os.isatty(1))
+    sys.stderr = writer(2, "backslashreplace", True)
     for name in ("stdin", "stdout", "stderr"):   # code that writes to sys.__stderr__ reaches the client too
         setattr(sys, f"__{name}__", getattr(sys, name))
 

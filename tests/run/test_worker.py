@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from cronium_fab.db.models import Execution, UserVariable
 from tests.procs import procs_with
-from tests.run.conftest import ROOT, Fleet, assert_ctrl_c_cancels, start_long_run
+from tests.run.conftest import ROOT, Fleet, assert_ctrl_c_cancels, start_long_run, wait_gone
 
 pytestmark = pytest.mark.ssh
 CLIENT = str(Path(sys.executable).parent / "cronium-fab")
@@ -47,12 +47,14 @@ class RunningWorker:
 
 
 def start_worker(env: dict[str, str], cwd: Path, argv: list[str] | None = None) -> RunningWorker:
-    sock_dir = Path(tempfile.mkdtemp(prefix="cfw", dir="/tmp"))   # short: Unix socket paths are <= 107 bytes
-    env = dict(env, CRONIUM_FAB_WORKER_SOCKET=str(sock_dir / "w.sock"))
-    log = cwd / "worker.log"
+    """A `cronium-fab worker` on env's CRONIUM_FAB_WORKER_SOCKET, else on a new short socket path
+    (Unix socket paths are <= 107 bytes); its log in a new file under ``cwd``."""
+    if "CRONIUM_FAB_WORKER_SOCKET" not in env:
+        env = dict(env, CRONIUM_FAB_WORKER_SOCKET=str(Path(tempfile.mkdtemp(prefix="cfw", dir="/tmp")) / "w.sock"))
+    log = Path(tempfile.mkstemp(prefix="worker-", suffix=".log", dir=cwd)[1])
     with log.open("wb") as f:
         proc = subprocess.Popen(argv or [CLIENT, "worker"], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
-    w = RunningWorker(proc, sock_dir / "w.sock", log, env)
+    w = RunningWorker(proc, Path(env["CRONIUM_FAB_WORKER_SOCKET"]), log, env)
     deadline = time.monotonic() + 30
     while "listening on" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -136,22 +138,36 @@ def test_killed_client_cancels_its_run(fleet: Fleet, ssh_hosts, worker: RunningW
 
 def test_worker_running_other_code_is_not_used(fleet: Fleet, ssh_hosts, worker: RunningWorker,  # type: ignore[no-untyped-def]
                                                tmp_path: Path) -> None:
-    """After an upgrade or an edit of the code, a worker started before it must not serve us."""
+    """After libraries change (pip install/upgrade), a worker started before must not serve us."""
     (host,) = ssh_hosts(1)
     ev = fleet.event([host], "echo fine")
-    edited = ROOT / "cronium_fab" / "__init__.py"
-    st = edited.stat()
-    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))   # as an edit or upgrade would
+    import sqlalchemy
+
+    site_packages = Path(sqlalchemy.__file__).parents[1]
+    installed = site_packages / f"cfab-test-install-{os.getpid()}.txt"
+    installed.write_text("as pip would add a package\n")
     try:
         out = worker.client("run-event", "--id", str(ev), "--json", cwd=tmp_path)
     finally:
-        os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+        installed.unlink()
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "SUCCESS"
     assert "runs other code" in out.stderr and "running the command in this process" in out.stderr
     assert worker.served() == []
-    assert worker.client("--version", cwd=tmp_path).returncode == 0
-    assert len(worker.served()) == 1, "the same code again: served"
+
+
+def test_fingerprint_ignores_a_touch(tmp_path: Path) -> None:
+    from cronium_fab import launch
+
+    first = launch.code_fingerprint()
+    assert launch.code_fingerprint() == first
+    edited = ROOT / "cronium_fab" / "__init__.py"
+    st = edited.stat()
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))   # touched, same content
+    try:
+        assert launch.code_fingerprint() == first, "a touch (or a checkout of the same content) is the same code"
+    finally:
+        os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_worker_and_client_refuse_other_users(fleet: Fleet, worker: RunningWorker, tmp_path: Path) -> None:
@@ -167,7 +183,7 @@ def test_worker_and_client_refuse_other_users(fleet: Fleet, worker: RunningWorke
         shared.chmod(0o755)
         (shared / "launch.py").chmod(0o644)
         nobody = 65534
-        probe = "import launch; print('session:', launch._worker_session())"
+        probe = "import launch; print('session:', launch._worker_session(launch._Signals()))"
         out = subprocess.run([shutil.which("python3", path="/usr/bin:/bin") or "python3", "-c", probe],
                              env={"CRONIUM_FAB_WORKER_SOCKET": str(worker.socket), "HOME": "/tmp", "PATH": "/usr/bin:/bin"},
                              capture_output=True, text=True, timeout=60, user=nobody, group=nobody, cwd=shared)
@@ -201,9 +217,9 @@ def test_dead_worker_socket_falls_back_then_is_replaced(fleet: Fleet, tmp_path: 
         out = w.client("events", cwd=tmp_path)
         assert out.returncode == 0, out.stderr     # nobody listening: the command runs in-process, silently
         assert out.stderr == ""
-        again = start_worker(dict(w.env), tmp_path)
+        again = start_worker(dict(w.env), tmp_path)     # same socket path: the stale socket is replaced
         try:
-            assert again.socket == w.socket or again.socket.exists()
+            assert again.socket == w.socket
             out = again.client("events", cwd=tmp_path)
             assert out.returncode == 0, out.stderr
             assert len(again.served()) == 1
@@ -211,3 +227,75 @@ def test_dead_worker_socket_falls_back_then_is_replaced(fleet: Fleet, tmp_path: 
             stop_worker(again)
     finally:
         stop_worker(w)
+
+
+def test_worker_restarts_while_a_run_it_started_goes_on(fleet: Fleet, ssh_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Runs in progress hold neither the socket nor the lock: a new worker can start (systemd restart)."""
+    (host,) = ssh_hosts(1)
+    first = start_worker(fleet.env(), tmp_path)
+    try:
+        proc, marker = start_long_run(fleet, host, [CLIENT], first.env, tmp_path)
+        try:
+            first.proc.kill()
+            first.proc.wait(timeout=10)
+            again = start_worker(dict(first.env), tmp_path)
+            try:
+                out = again.client("events", cwd=tmp_path)
+                assert out.returncode == 0, out.stderr
+                assert len(again.served()) == 1
+            finally:
+                stop_worker(again)
+            assert proc.poll() is None, "the run goes on, owned by its client"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+        assert proc.returncode == 5
+        assert wait_gone(marker) == []
+    finally:
+        stop_worker(first)
+
+
+def test_broken_stdout_is_an_error_as_in_process(fleet: Fleet, worker: RunningWorker, tmp_path: Path) -> None:
+    codes = {}
+    for way, env in (("in-process", dict(worker.env, CRONIUM_FAB_WORKER="off")), ("worker", worker.env)):
+        r, w = os.pipe()
+        os.close(r)                      # nobody will ever read what the command prints
+        try:
+            proc = subprocess.run([CLIENT, "--help"], env=env, stdout=w, stderr=subprocess.PIPE, text=True,
+                                  timeout=60, cwd=tmp_path)
+        finally:
+            os.close(w)
+        codes[way] = proc.returncode
+    assert codes["in-process"] != 0
+    assert codes["worker"] == codes["in-process"] or codes["worker"] == 120, codes
+    assert len(worker.served()) == 1
+
+
+def test_worker_log_names_the_command_never_its_arguments(fleet: Fleet, worker: RunningWorker, tmp_path: Path) -> None:
+    secret = "s3cr3t-token-in-input"
+    out = worker.client("run-event", "--id", "424242", "--input", json.dumps({"token": secret}), cwd=tmp_path)
+    assert out.returncode == 2
+    deadline = time.monotonic() + 5
+    while "ended" not in worker.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = worker.log_text()
+    assert "run-event" in log and "ended: exit 2" in log
+    assert secret not in log and "424242" not in log
+
+
+def test_stuck_worker_means_in_process_run_and_never_a_second_run(fleet: Fleet, worker: RunningWorker,
+                                                                  tmp_path: Path) -> None:
+    worker.proc.send_signal(signal.SIGSTOP)       # accepts nothing; the client times out waiting
+    try:
+        t0 = time.monotonic()
+        out = worker.client("db-init", cwd=tmp_path)
+        waited = time.monotonic() - t0
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+    assert out.returncode == 0, out.stderr          # ran in-process after the wait
+    assert waited >= 4.0
+    deadline = time.monotonic() + 10
+    while "gave up" not in worker.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "no command from a client (it gave up waiting" in worker.log_text()
+    assert worker.served() == [], "the command ran in-process; the worker must never run it too"
