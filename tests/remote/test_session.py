@@ -15,6 +15,7 @@ from cronium_fab.build import RunnerArtifact
 from cronium_fab.devhosts import DevHost
 from cronium_fab.remote.runner_cache import install_command, runner_file_name
 from cronium_fab.remote.session import HostRun, run_on_host
+from tests.remote.fake_runner import build_fake_runner
 
 pytestmark = pytest.mark.ssh
 
@@ -125,8 +126,11 @@ def test_unwritable_cache_is_runner_install_failed(ssh_hosts, connect, fake_runn
     assert run.execs == 2
 
 
-def test_concurrent_runs_installing_at_once_leave_a_good_cache(ssh_hosts, connect, fake_runner):
+def test_concurrent_runs_installing_at_once_leave_a_good_cache(ssh_hosts, connect, tmp_path):
     (host,) = ssh_hosts(1)
+    # A big runner makes every upload last long enough that all four runs find the cache empty and
+    # install at once, even on a loaded machine.
+    fake_runner = build_fake_runner(tmp_path, pad_bytes=8 << 20)
     raced = 0
     for _attempt in range(5):   # every attempt must be correct; at least one must really race (timing)
         host.clear_runner_cache()
