@@ -214,7 +214,7 @@ def _follow(sock: socket.socket, buf: bytearray, signals: _Signals) -> int:
 
 
 def main() -> None:
-    if sys.argv[1:2] != ["worker"]:
+    if "worker" not in sys.argv[1:]:   # `cronium-fab [flags] worker` itself always runs here
         signals = _Signals()
         session = _worker_session(signals)
         if session is not None:
