@@ -349,6 +349,7 @@ class EventRun:
         if self.mode not in HELPER_MODES:
             raise CroniumFabError(f"helper mode {self.mode!r} is not one of {', '.join(HELPER_MODES)}")
         self.api: HelperAPI | None = None
+        self._started_together: set[str] = set()
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -424,6 +425,10 @@ class EventRun:
 
     def _run_hosts(self) -> None:
         parallel = max(1, min(self.request.parallel or self.settings.parallel, len(self.targets)))
+        # The first `parallel` hosts start at once: mark them running in one transaction, instead
+        # of one per host with every thread queueing on the database at the same moment.
+        self._started_together = {r.execution_id for r in self.results[:parallel]}
+        self.recorder.hosts_running(list(self._started_together))
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cronium-host") as pool:
             pending: set[Future[None]] = {pool.submit(self._host, i) for i in range(len(self.targets))}
             while pending:
@@ -459,7 +464,8 @@ class EventRun:
             return
         t0 = time.monotonic()
         started = utcnow()
-        self.recorder.host_running(res.execution_id)
+        if res.execution_id not in self._started_together:
+            self.recorder.hosts_running([res.execution_id])
         stdout, stderr = CappedBuffer(self.request.output_cap), CappedBuffer(self.request.output_cap)
 
         def on_record(kind: str, ts: float, data: bytes) -> None:

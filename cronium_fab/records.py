@@ -212,10 +212,14 @@ class RunRecorder:
                 for eid, sid, name, meta in rows
             )
 
-    def host_running(self, execution_id: str) -> None:
+    def hosts_running(self, execution_ids: list[str]) -> None:
+        """``queued`` -> ``running`` for hosts that start now, in one UPDATE (one transaction for
+        all the hosts that start at once)."""
+        if not execution_ids:
+            return
         now = utcnow()
-        with self._lock, self.db.session() as s:   # one UPDATE, no SELECT: this runs once per host
-            s.execute(update(Execution).where(Execution.id == execution_id, Execution.status == "queued")
+        with self._lock, self.db.session() as s:
+            s.execute(update(Execution).where(Execution.id.in_(execution_ids), Execution.status == "queued")
                       .values(status="running", started_at=now, setup_started_at=now, updated_at=now))
 
     # -- per host --------------------------------------------------------------------------

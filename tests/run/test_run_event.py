@@ -283,3 +283,27 @@ def test_runner_in_a_loose_cache_dir_is_not_trusted(fleet: Fleet, ssh_hosts) -> 
     result = _run(fleet, ev)
     assert result.status == "SUCCESS" and result.hosts[0].runner_cached is False
     assert host.runner_cache_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_rows_show_running_hosts_and_hosts_waiting_their_turn(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
+    """With --parallel 2 and 3 hosts, during the run: 2 rows `running`, 1 `queued`; then all completed."""
+    import threading
+
+    hosts = ssh_hosts(3)
+    ev = fleet.event(hosts, "sleep 2")
+    done = threading.Event()
+    results = []
+    t = threading.Thread(target=lambda: (results.append(_run(fleet, ev, parallel=2)), done.set()))
+    t.start()
+    seen: set[tuple[str, ...]] = set()
+    while not done.is_set():
+        with fleet.db.session() as s:
+            seen.add(tuple(sorted(e.status for e in s.scalars(select(Execution)))))
+        time.sleep(0.05)
+    t.join(60)
+    assert results and results[0].status == "SUCCESS"
+    assert ("queued", "running", "running") in seen, seen
+    with fleet.db.session() as s:
+        rows = s.scalars(select(Execution)).all()
+        assert [e.status for e in rows] == ["completed"] * 3
+        assert all(e.started_at is not None and e.setup_started_at is not None for e in rows)
