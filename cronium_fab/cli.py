@@ -12,6 +12,7 @@ With ``--json``, stdout always carries exactly one JSON document: the run's resu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -47,13 +48,21 @@ def user_errors(fn: F) -> F:
         from .remote.errors import RemoteError
 
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()   # a reader that is gone shows here, not as a traceback at exit
+            return result
         except CroniumFabError as exc:
             raise Exit(f"cronium-fab: error: {exc}", code=exc.exit_code) from None
         except RemoteError as exc:
             raise Exit(f"cronium-fab: error: {exc}", code=EXIT_FAILURE) from None
         except Exit:
             raise
+        except BrokenPipeError:   # whoever read our stdout is gone (`cronium-fab events | head -1`)
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())   # nothing left to flush at exit
+                os.close(devnull)
+            raise Exit(code=EXIT_FAILURE) from None
         except Exception as exc:  # a bug: one line, its own exit status, never mistaken for FAILURE
             if os.environ.get("CRONIUM_FAB_DEBUG"):
                 raise
@@ -86,7 +95,10 @@ def json_errors(fn: F) -> F:
 
 
 def _positive_int(flag: str, value: str | None) -> int:
-    if value is None or not str(value).strip().isdigit() or int(value) < 1:
+    if value is None:
+        raise Exit(f"cronium-fab: error: {flag} is required: the event's id (`cronium-fab events` lists them)",
+                   code=EXIT_USAGE)
+    if not str(value).strip().isdigit() or int(value) < 1:
         raise Exit(f"cronium-fab: error: {flag} needs an event id (a positive integer), got {value!r}; "
                    "`cronium-fab events` lists them", code=EXIT_USAGE)
     return int(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -57,6 +58,19 @@ def _trust(settings: Settings, address: str, port: int, public_line: str) -> Non
     KnownHostsStore(settings.known_hosts).replace(host_entry_name(address, port), key)
 
 
+def demo_environment() -> dict[str, str]:
+    """Everything the demo's commands need, as absolute paths, whatever the caller's environment."""
+    here = Settings.from_env()
+    return {
+        "CRONIUM_DATABASE_URL": f"sqlite:///{(DATA_DIR / 'cronium.db').resolve()}",
+        "CRONIUM_FAB_DATA_DIR": str(DATA_DIR.resolve()),
+        "CRONIUM_FAB_PAYLOAD_DIR": str(PAYLOAD_DIR.resolve()),
+        "CRONIUM_FAB_SIGNING_KEY": str(here.signing_key.resolve()),
+        "CRONIUM_FAB_PUBLIC_KEY": str(here.public_key.resolve()),
+        "CRONIUM_FAB_RUNNER": str(here.runner_path.resolve()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo")
     parser.add_argument("--stop", action="store_true", help="stop the demo hosts")
@@ -77,11 +91,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo(hosts_dir: Path) -> int:
     # The demo's embedded database, known_hosts and payloads live in this checkout (.demo/), so a
-    # demo never mixes with your own registrations, nor with another checkout's signing keys.
-    if not os.environ.get("CRONIUM_FAB_DATA_DIR"):
-        os.environ["CRONIUM_FAB_DATA_DIR"] = str(DATA_DIR.resolve())
-    if not os.environ.get("CRONIUM_FAB_PAYLOAD_DIR"):
-        os.environ["CRONIUM_FAB_PAYLOAD_DIR"] = str(PAYLOAD_DIR.resolve())
+    # demo never mixes with your own registrations (nor writes into Cronium's database when
+    # CRONIUM_DATABASE_URL is set), nor with another checkout's signing keys.
+    env = demo_environment()
+    for name in ("CRONIUM_DATABASE_URL", "CRONIUM_FAB_DATA_DIR"):
+        if os.environ.get(name) and os.environ[name] != env[name]:
+            print(f"== the demo ignores your {name}: it keeps everything in {DEMO_DIR.resolve()}", file=sys.stderr)
+    os.environ.update(env)
+    env_file = DEMO_DIR / "env"
+    lines = [f"export {k}={shlex.quote(v)}\n" for k, v in env.items()]
+    lines.append(f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"\n')   # cronium-fab
+    atomic_write(env_file, "".join(lines).encode(), 0o600)
     settings = Settings.from_env()
     print(f"== starting {HOSTS} local sshd hosts", file=sys.stderr)
     pool = start_hosts(HOSTS, hosts_dir, detach=True)
@@ -112,10 +132,12 @@ def _demo(hosts_dir: Path) -> int:
     for k, v in sorted(stored.items()):
         print(f"   {k} = {v!r}", file=sys.stderr)
     print(
-        f"\nRun it again:  CRONIUM_FAB_DATA_DIR={DATA_DIR} CRONIUM_FAB_PAYLOAD_DIR={PAYLOAD_DIR} "
-        f".venv/bin/cronium-fab run-event --id {event_id}"
+        f"\nThe demo's environment is in {env_file} (its own database, keys, runner; absolute paths):\n"
+        f"  run it again:    . {env_file} && cronium-fab run-event --id {event_id}"
         "   (--json for the JSON result, --helper-mode bundled|api)\n"
-        "Stop the hosts: make demo-stop",
+        f"  skip start-up:   . {env_file} && cronium-fab worker &"
+        "   (later cronium-fab commands in that environment are served by it: docs/WORKER.md)\n"
+        "  stop the hosts:  make demo-stop",
         file=sys.stderr,
     )
     return 0 if result.status == "SUCCESS" else result.exit_code

@@ -26,6 +26,8 @@ import sys
 PROTOCOL = 1
 HEADER = struct.Struct("!I")
 MAX_REQUEST = 4 * 1024 * 1024
+READY_TIMEOUT = 2.0      # connect + a fork saying it is ready: milliseconds when the worker is alive
+REQUEST_TIMEOUT = 5.0    # the fork reading our request and answering
 
 
 def data_dir() -> str:
@@ -39,7 +41,8 @@ def data_dir() -> str:
 
 def socket_path() -> str:
     """Where the worker listens: ``CRONIUM_FAB_WORKER_SOCKET``, else ``<data dir>/worker.sock``."""
-    return os.path.expanduser(os.environ.get("CRONIUM_FAB_WORKER_SOCKET") or os.path.join(data_dir(), "worker.sock"))
+    return os.path.abspath(os.path.expanduser(os.environ.get("CRONIUM_FAB_WORKER_SOCKET")
+                                              or os.path.join(data_dir(), "worker.sock")))
 
 
 def code_fingerprint() -> str:
@@ -158,14 +161,21 @@ def _worker_session(signals: _Signals) -> tuple[socket.socket, bytearray] | None
     buf = bytearray()
     cwd = -1
     try:
-        sock.settimeout(5.0)
+        sock.settimeout(READY_TIMEOUT)
         sock.connect(path)
         if peer_uid(sock) != os.getuid():   # never hand our environment to another user's process
             raise OSError("the worker socket belongs to another user")
         # Wait until a fork of the worker answers before handing over any file descriptor: fds
         # in flight to a stuck worker would keep our caller's pipes open after we ran it here.
-        if read_line(sock, buf).get("protocol") != PROTOCOL:
+        try:
+            hello = read_line(sock, buf)
+        except TimeoutError:
+            print(f"cronium-fab: the worker at {path} did not answer within {READY_TIMEOUT:g} s (stopped? "
+                  "overloaded?); running the command in this process", file=sys.stderr)
+            raise
+        if hello.get("protocol") != PROTOCOL:
             raise ValueError("not a cronium-fab worker of this version")
+        sock.settimeout(REQUEST_TIMEOUT)
         umask = os.umask(0o077)
         os.umask(umask)
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)   # our directory, even if renamed

@@ -50,7 +50,7 @@ PRELOAD = (
     "psycopg",
 )
 EXIT_INTERNAL = 6
-REQUEST_TIMEOUT = 5.0
+CODE_CHECK_INTERVAL = 2.0   # seconds between looks at the code on disk (upgrade -> restart)
 
 
 class Worker:
@@ -79,9 +79,16 @@ class Worker:
         parent = os.path.dirname(self.path) or "."
         os.makedirs(parent, mode=0o700, exist_ok=True)
         st = os.stat(parent)
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise ConfigError(f"{parent} must be owned by you and not writable by others "
-                              f"(chmod 700 {parent}): the worker socket lives there")
+        if st.st_uid != os.getuid():
+            raise ConfigError(f"the worker socket must be in a directory you own, not {parent}: set "
+                              "CRONIUM_FAB_WORKER_SOCKET to a path in a private directory of yours "
+                              "(e.g. ~/.cache/cronium-fab/worker.sock)")
+        if st.st_mode & 0o022:
+            raise ConfigError(f"{parent} is writable by others, so they could replace the worker socket: "
+                              f"chmod go-w {parent}, or set CRONIUM_FAB_WORKER_SOCKET to a path in a private directory")
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise ConfigError(f"{self.path} exists and is not a socket; move it away")
         self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -89,12 +96,8 @@ class Worker:
             os.close(self._lock_fd)
             self._lock_fd = -1
             raise ConfigError(f"another cronium-fab worker already serves {self.path}") from None
-        try:   # we hold the lock: whatever is there is left over from a worker that died
-            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise ConfigError(f"{self.path} exists and is not a socket; move it away")
+        with contextlib.suppress(FileNotFoundError):   # we hold the lock: a socket there is a dead worker's
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -131,7 +134,10 @@ class Worker:
             self.stopping = True
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        self.log(f"listening on {self.path}")
+        self.log(f"listening on {self.path} (clients find it with the same CRONIUM_FAB_DATA_DIR, or "
+                 f"CRONIUM_FAB_WORKER_SOCKET={self.path})")
+        restart = False
+        next_check, changed_to = time.monotonic() + CODE_CHECK_INTERVAL, ""
         try:
             while not self.stopping:
                 try:
@@ -139,6 +145,15 @@ class Worker:
                 except InterruptedError:
                     ready = []
                 self._reap()
+                if time.monotonic() >= next_check:
+                    # New code on disk (pip upgrade, edited checkout): once it has stayed the same for
+                    # one interval (an upgrade may be half-way), restart to serve it.
+                    on_disk = launch.code_fingerprint()
+                    if on_disk != self.fingerprint and on_disk == changed_to:
+                        restart = True
+                        break
+                    changed_to = on_disk if on_disk != self.fingerprint else ""
+                    next_check = time.monotonic() + CODE_CHECK_INTERVAL
                 if ready and not self.stopping:
                     try:
                         conn, _ = self._listener.accept()
@@ -152,11 +167,14 @@ class Worker:
                 signal.signal(sig, prev)
             self.close()
             self._reap()
+        if restart:
+            self.log(f"the code on disk changed: restarting to load it ({len(self.children)} run(s) go on)")
+            os.execv(sys.executable, sys.orig_argv)
         self.log(f"stopped; {len(self.children)} run(s) still finishing on their own")
         return 0
 
     def _reap(self) -> None:
-        while self.children:
+        while True:    # also runs started before a restart (exec) of this worker: not in self.children
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -195,7 +213,7 @@ class Worker:
         assert self._listener is not None
         self._listener.close()       # a worker restarted while we run must be able to listen and lock
         os.close(self._lock_fd)
-        conn.settimeout(REQUEST_TIMEOUT)
+        conn.settimeout(launch.REQUEST_TIMEOUT)
         try:
             launch.send_frame_line(conn, {"protocol": launch.PROTOCOL, "ready": os.getpid()})
             doc, fds = _receive_request(conn)
@@ -204,8 +222,11 @@ class Worker:
             return 0
         try:
             if doc.get("protocol") != launch.PROTOCOL or doc.get("fingerprint") != self.fingerprint:
+                self.log("refused a command: the client runs other code than this worker (upgraded? "
+                         "the worker restarts itself once the new code is in place)")
                 launch.send_frame_line(conn, {"fallback": f"the worker at {self.path} runs other code than this "
-                                                          "command (restart it after an upgrade)"})
+                                                          "command (after an upgrade it restarts itself within "
+                                                          "seconds)"})
                 return 0
             argv = [str(a) for a in doc["argv"]]
             command = next((a for a in argv[1:] if a in self.commands), "-")   # never arguments: they may be secret

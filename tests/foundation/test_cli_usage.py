@@ -13,7 +13,7 @@ import pytest
     ("args", "message"),
     [
         (["run-event", "--id", "abc"], "--id needs an event id"),
-        (["run-event"], "--id needs an event id"),
+        (["run-event"], "--id is required"),
         (["run-event", "--id", "1", "--timeout", "-5"], "greater than 0"),
         (["run-event", "--id", "1", "--timeout", "soon"], "greater than 0"),
         (["run-event", "--id", "1", "--input", "{not json"], "--input is not valid JSON"),
@@ -39,3 +39,26 @@ def test_json_usage_error_still_prints_one_document(tmp_path: Path) -> None:
     assert out.returncode == 2
     doc = json.loads(out.stdout)
     assert doc["status"] == "ERROR" and doc["exit_code"] == 2 and "--id" in doc["error"]
+
+
+def test_reader_gone_is_a_quiet_failure_not_an_internal_error(tmp_path: Path) -> None:
+    """`cronium-fab events | head -1` where head is already gone: exit 1, no traceback, no 'internal error'."""
+    import os
+
+    from cronium_fab.db.engine import Database
+    from tests.factories import add_event
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CRONIUM_FAB_DATA_DIR": str(tmp_path / "data")}
+    subprocess.run([sys.executable, "-m", "cronium_fab", "db-init"], env=env, check=True, capture_output=True)
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'cronium.db'}")
+    add_event(db, name="listed")
+    db.dispose()
+    r, w = os.pipe()
+    os.close(r)                      # the reader is gone before anything is written
+    try:
+        out = subprocess.run([sys.executable, "-m", "cronium_fab", "events"], env=env, stdout=w, stderr=subprocess.PIPE,
+                             text=True, cwd=tmp_path, timeout=60)
+    finally:
+        os.close(w)
+    assert out.returncode == 1, out.stderr
+    assert "internal error" not in out.stderr and "Traceback" not in out.stderr
