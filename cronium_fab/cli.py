@@ -49,7 +49,8 @@ def user_errors(fn: F) -> F:
 
         try:
             result = fn(*args, **kwargs)
-            sys.stdout.flush()   # a reader that is gone shows here, not as a traceback at exit
+            if sys.stdout is not None:
+                sys.stdout.flush()   # a reader that is gone shows here, not as a traceback at exit
             return result
         except CroniumFabError as exc:
             raise Exit(f"cronium-fab: error: {exc}", code=exc.exit_code) from None
@@ -57,10 +58,13 @@ def user_errors(fn: F) -> F:
             raise Exit(f"cronium-fab: error: {exc}", code=EXIT_FAILURE) from None
         except Exit:
             raise
-        except BrokenPipeError:   # whoever read our stdout is gone (`cronium-fab events | head -1`)
+        except BrokenPipeError as exc:
+            if not _stdout_reader_gone():
+                raise Exit(f"cronium-fab: error: {exc}", code=EXIT_FAILURE) from None
+            # whoever read our stdout is gone (`cronium-fab events | head -1`): nothing to say to them
             with contextlib.suppress(OSError, ValueError):
                 devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())   # nothing left to flush at exit
+                os.dup2(devnull, 1)   # nothing left to flush at exit
                 os.close(devnull)
             raise Exit(code=EXIT_FAILURE) from None
         except Exception as exc:  # a bug: one line, its own exit status, never mistaken for FAILURE
@@ -70,6 +74,18 @@ def user_errors(fn: F) -> F:
                        "(set CRONIUM_FAB_DEBUG=1 for the traceback)", code=EXIT_INTERNAL) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether fd 1 is a pipe or socket whose reading end is closed."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 class RunExit(Exit):

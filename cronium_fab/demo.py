@@ -94,7 +94,7 @@ def _demo(hosts_dir: Path) -> int:
     # demo never mixes with your own registrations (nor writes into Cronium's database when
     # CRONIUM_DATABASE_URL is set), nor with another checkout's signing keys.
     env = demo_environment()
-    for name in ("CRONIUM_DATABASE_URL", "CRONIUM_FAB_DATA_DIR"):
+    for name in ("CRONIUM_DATABASE_URL", "CRONIUM_FAB_DATA_DIR", "CRONIUM_FAB_PAYLOAD_DIR"):
         if os.environ.get(name) and os.environ[name] != env[name]:
             print(f"== the demo ignores your {name}: it keeps everything in {DEMO_DIR.resolve()}", file=sys.stderr)
     os.environ.update(env)

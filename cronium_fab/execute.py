@@ -296,7 +296,8 @@ def _interrupts_cancel(cancel: threading.Event) -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         cancel.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}   # `nohup cronium-fab run-event ...` survives logout
     try:
         yield
     finally:

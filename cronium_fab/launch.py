@@ -70,8 +70,8 @@ def code_fingerprint() -> str:
             for e in it:
                 if e.is_dir(follow_symlinks=False) and e.name != "__pycache__":
                     stack.append(e.path)
-                elif e.name.endswith(".py"):
-                    files.append(e.path)
+                elif e.name.endswith(".py") and not e.name.startswith(".") and e.is_file(follow_symlinks=False):
+                    files.append(e.path)   # (editors' lock files such as .#cli.py are dangling symlinks)
     for path in sorted(files):
         with open(path, "rb") as f:
             digest.update(f"{os.path.relpath(path, root)}\n".encode() + f.read())
@@ -120,7 +120,10 @@ class _Signals:
     def __init__(self) -> None:
         self.received: list[int] = []
         self.sock: socket.socket | None = None
-        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+        # Signals our caller made us ignore (nohup, `&` in a script) stay ignored, here and there.
+        self.ignored = [int(sig) for sig in self.SIGNALS if signal.getsignal(sig) is signal.SIG_IGN]
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS
+                         if int(sig) not in self.ignored}
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.received.append(signum)
@@ -129,10 +132,15 @@ class _Signals:
                 send_frame_line(self.sock, {"signal": signum})
 
     def forward_to(self, sock: socket.socket) -> None:
-        for signum in self.received:
-            with contextlib.suppress(OSError):
-                send_frame_line(sock, {"signal": signum})
-        self.sock = sock
+        mask = set(self.previous)
+        signal.pthread_sigmask(signal.SIG_BLOCK, mask)    # none may slip between the queue and the socket
+        try:
+            for signum in self.received:
+                with contextlib.suppress(OSError):
+                    send_frame_line(sock, {"signal": signum})
+            self.sock = sock
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
 
     def restore(self) -> None:
         """Back to normal handling; a signal that came in meanwhile is delivered to us now."""
@@ -157,6 +165,11 @@ def _worker_session(signals: _Signals) -> tuple[socket.socket, bytearray] | None
     path = socket_path()
     if not hasattr(socket, "SO_PEERCRED") or not os.path.exists(path):
         return None
+    for fd in (0, 1, 2):      # a closed one would be taken by our socket and handed over as stdio
+        try:
+            os.fstat(fd)
+        except OSError:
+            return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     buf = bytearray()
     cwd = -1
@@ -180,9 +193,12 @@ def _worker_session(signals: _Signals) -> tuple[socket.socket, bytearray] | None
         os.umask(umask)
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)   # our directory, even if renamed
         send_frame(sock, {"protocol": PROTOCOL, "fingerprint": code_fingerprint(), "argv": sys.argv,
-                          "env": dict(os.environ), "umask": umask}, fds=[0, 1, 2, cwd])
+                          "env": dict(os.environ), "umask": umask, "ignored_signals": signals.ignored},
+                   fds=[0, 1, 2, cwd])
         reply = read_line(sock, buf)
         if "pid" in reply:
+            if signals.received:   # interrupted before the start: nothing runs, we end by the signal
+                raise OSError("interrupted")
             # Only now may it start: had we given up waiting (timeout), it sees EOF and never runs,
             # so a command can never run twice (there and here).
             send_frame_line(sock, {"go": True})
@@ -202,8 +218,12 @@ def _worker_session(signals: _Signals) -> tuple[socket.socket, bytearray] | None
     return sock, buf
 
 
+NOT_RUN = -1
+
+
 def _follow(sock: socket.socket, buf: bytearray, signals: _Signals) -> int:
-    """Wait for the exit status of the worker's run process (our signals are forwarded to it)."""
+    """Wait for the exit status of the worker's run process (our signals are forwarded to it);
+    ``NOT_RUN`` when it gave up on us before starting (then we run the command)."""
     while True:
         try:
             doc = read_line(sock, buf)
@@ -211,6 +231,8 @@ def _follow(sock: socket.socket, buf: bytearray, signals: _Signals) -> int:
             break
         if not doc:
             break
+        if doc.get("notrun"):
+            return NOT_RUN
         if isinstance(doc.get("signal"), int):     # it died of a signal: so do we
             die_of(int(doc["signal"]))  # type: ignore[call-overload]
         if "exit" in doc:
@@ -223,12 +245,22 @@ def _follow(sock: socket.socket, buf: bytearray, signals: _Signals) -> int:
     return 6   # EXIT_INTERNAL
 
 
+STARTUP_FINGERPRINT: str | None = None
+
+
 def main() -> None:
-    if "worker" not in sys.argv[1:]:   # `cronium-fab [flags] worker` itself always runs here
+    global STARTUP_FINGERPRINT
+    if "worker" in sys.argv[1:]:   # `cronium-fab [flags] worker` itself always runs here
+        # The code this process is about to import: what changes on disk from now on is "other code".
+        STARTUP_FINGERPRINT = code_fingerprint()
+    else:
         signals = _Signals()
         session = _worker_session(signals)
         if session is not None:
-            sys.exit(_follow(*session, signals))
+            code = _follow(*session, signals)
+            session[0].close()
+            if code != NOT_RUN:
+                sys.exit(code)
         signals.restore()
     from .cli import main as run_here
 

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import IO, Any
 
 from . import launch
@@ -125,7 +126,9 @@ class Worker:
         from .cli import build_namespace
 
         self.commands = frozenset(build_namespace().task_names)
-        self.fingerprint = launch.code_fingerprint()
+        # Taken before the imports when started through the entry point: a file that changes while
+        # we import it must count as new code, never as ours.
+        self.fingerprint = launch.STARTUP_FINGERPRINT or launch.code_fingerprint()
         _ensure_std_fds()
         self.bind()
         assert self._listener is not None
@@ -133,11 +136,12 @@ class Worker:
         def stop(signum: int, _frame: Any) -> None:
             self.stopping = True
 
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                    if signal.getsignal(sig) is not signal.SIG_IGN}   # `nohup cronium-fab worker &` survives logout
         self.log(f"listening on {self.path} (clients find it with the same CRONIUM_FAB_DATA_DIR, or "
                  f"CRONIUM_FAB_WORKER_SOCKET={self.path})")
         restart = False
-        next_check, changed_to = time.monotonic() + CODE_CHECK_INTERVAL, ""
+        watch, next_check = CodeWatch(self.fingerprint), time.monotonic() + CODE_CHECK_INTERVAL
         try:
             while not self.stopping:
                 try:
@@ -146,14 +150,18 @@ class Worker:
                     ready = []
                 self._reap()
                 if time.monotonic() >= next_check:
-                    # New code on disk (pip upgrade, edited checkout): once it has stayed the same for
-                    # one interval (an upgrade may be half-way), restart to serve it.
-                    on_disk = launch.code_fingerprint()
-                    if on_disk != self.fingerprint and on_disk == changed_to:
+                    next_check = time.monotonic() + CODE_CHECK_INTERVAL
+                    try:
+                        on_disk: str | None = launch.code_fingerprint()
+                    except OSError:        # a file vanished mid-upgrade: still changing
+                        on_disk = None
+                    verdict = watch.look(on_disk, _imports_cleanly)
+                    if verdict == "restart":
                         restart = True
                         break
-                    changed_to = on_disk if on_disk != self.fingerprint else ""
-                    next_check = time.monotonic() + CODE_CHECK_INTERVAL
+                    if verdict == "unusable":
+                        self.log("the code on disk changed but does not import; still serving the code "
+                                 "loaded at start (clients run in-process meanwhile)")
                 if ready and not self.stopping:
                     try:
                         conn, _ = self._listener.accept()
@@ -167,9 +175,13 @@ class Worker:
                 signal.signal(sig, prev)
             self.close()
             self._reap()
-        if restart:
+        if restart and not self.stopping:
             self.log(f"the code on disk changed: restarting to load it ({len(self.children)} run(s) go on)")
-            os.execv(sys.executable, sys.orig_argv)
+            try:
+                os.execv(sys.executable, sys.orig_argv)
+            except OSError as exc:
+                self.log(f"could not restart ({exc}); stopped")
+                return 1
         self.log(f"stopped; {len(self.children)} run(s) still finishing on their own")
         return 0
 
@@ -233,6 +245,10 @@ class Worker:
             try:
                 launch.send_frame_line(conn, {"pid": os.getpid()})
                 go = launch.read_line(conn, bytearray()).get("go") is True
+            except TimeoutError:    # the client stalled: tell it we never started, so it runs it itself
+                with contextlib.suppress(OSError):
+                    launch.send_frame_line(conn, {"notrun": True})
+                go = False
             except (OSError, ValueError):
                 go = False
             if not go:
@@ -244,6 +260,40 @@ class Worker:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+class CodeWatch:
+    """When to restart into new code on disk (pip upgrade, edited checkout): once it differs from
+    the loaded code, has stayed the same for two looks in a row (an upgrade may be half-way), and
+    imports. Code that does not import is not tried again until it changes."""
+
+    def __init__(self, loaded: str) -> None:
+        self.loaded = loaded
+        self.changed_to = ""
+        self.unusable = ""
+
+    def look(self, on_disk: str | None, imports: Callable[[], bool]) -> str:
+        """``on_disk``: the fingerprint now (None: unreadable, still changing). Returns
+        ``"same"``, ``"wait"``, ``"restart"`` or ``"unusable"``."""
+        if on_disk is None or on_disk != self.changed_to:
+            self.changed_to = "" if on_disk in (None, self.loaded, self.unusable) else on_disk
+            return "same" if on_disk in (self.loaded, self.unusable) else "wait"
+        if imports():
+            return "restart"
+        self.unusable, self.changed_to = on_disk, ""
+        return "unusable"
+
+
+def _imports_cleanly() -> bool:
+    """Whether new code on disk can start: restarting into a syntax error would end the worker."""
+    import subprocess
+
+    try:
+        return subprocess.run([sys.executable, "-c", "import cronium_fab.cli, cronium_fab.worker"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _ensure_std_fds() -> None:
@@ -303,6 +353,9 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    for signum in doc.get("ignored_signals") or []:     # what the caller ignores, we ignore
+        if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
     os.fchdir(fds[3])
@@ -341,7 +394,7 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
         sys.stdout.flush()
     except (OSError, ValueError) as exc:   # e.g. the reader of our stdout is gone: as Python, exit 120
         print(f"Exception ignored flushing sys.stdout: {exc!r}", file=sys.stderr)
-        code = code or 120
+        code = 120
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
     with contextlib.suppress(OSError):
@@ -355,6 +408,9 @@ def _reopen_stdio() -> None:
     block-buffered otherwise, everything unbuffered with ``PYTHONUNBUFFERED``."""
     encoding, _, errors = (os.environ.get("PYTHONIOENCODING") or "").partition(":")
     encoding = encoding or "utf-8"
+    ctype = os.environ.get("LC_ALL") or os.environ.get("LC_CTYPE") or os.environ.get("LANG") or "C"
+    if not errors and (ctype in ("C", "POSIX") or ctype.startswith("C.")):
+        errors = "surrogateescape"     # as Python does in the C/POSIX locale (PEP 538/540)
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
 
     def writer(fd: int, errors_default: str, line: bool) -> io.TextIOWrapper:

@@ -311,3 +311,39 @@ def test_stuck_worker_means_in_process_run_and_never_a_second_run(fleet: Fleet, 
         time.sleep(0.05)
     assert "no command from a client (it gave up waiting" in worker.log_text()
     assert worker.served() == [], "the command ran in-process; the worker must never run it too"
+
+
+@pytest.mark.parametrize("way", ["in-process", "worker"])
+def test_signals_the_caller_ignores_stay_ignored(fleet: Fleet, ssh_hosts, worker: RunningWorker, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                 way: str) -> None:
+    """`nohup cronium-fab run-event ...`: a SIGHUP (logout) must not cancel the run; SIGINT still does."""
+    (host,) = ssh_hosts(1)
+    env = worker.env if way == "worker" else dict(worker.env, CRONIUM_FAB_WORKER="off")
+    marker = f"cfab-nohup-{time.monotonic_ns()}"
+    ev = fleet.event([host], f'echo started; exec -a "{marker}" sleep 120')
+    proc = subprocess.Popen([CLIENT, "run-event", "--id", str(ev)], env=env, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "started" in line:
+            break
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1.5)
+    assert proc.poll() is None, "an ignored SIGHUP ended the run"
+    assert procs_with(marker), "an ignored SIGHUP stopped the remote script"
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 5
+    assert wait_gone(marker) == []
+    assert len(worker.served()) == (1 if way == "worker" else 0)
+
+
+def test_caller_with_closed_stdio_is_served_as_in_process(fleet: Fleet, worker: RunningWorker, tmp_path: Path) -> None:
+    """A closed fd 0-2 must never be replaced by the client's control socket."""
+    codes = {}
+    for way, env in (("in-process", dict(worker.env, CRONIUM_FAB_WORKER="off")), ("worker", worker.env)):
+        out = subprocess.run(["bash", "-c", f"{CLIENT} load /nonexistent-inventory.yaml 2>&-"], env=env,
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        codes[way] = out.returncode
+    assert codes == {"in-process": 2, "worker": 2}
+    assert "killed by signal" not in worker.log_text()
