@@ -43,9 +43,7 @@ def build(c: Context) -> None:
     from cronium_fab.build import build_runner
 
     s = Settings.from_env()
-    art = build_runner(s.runner_src, s.runner_path.parent)
-    if art.path.resolve() != s.runner_path.resolve():
-        shutil.move(str(art.path), s.runner_path)
+    art = build_runner(s.runner_src, s.runner_path.parent, s.runner_path.name)
     print(f"built {s.runner_path} ({art.size} bytes, sha256 {art.sha256})")
 
 

@@ -69,10 +69,11 @@ def write_checksum_file(path: Path, digest: str) -> Path:
     return out
 
 
-def build_runner(src: Path, dist: Path) -> RunnerArtifact:
+def build_runner(src: Path, dist: Path, name: str = RUNNER_NAME) -> RunnerArtifact:
+    """Build ``dist/name`` and its ``.sha256`` beside it."""
     data = build_runner_bytes(src)
     dist.mkdir(parents=True, exist_ok=True)
-    out = dist / RUNNER_NAME
+    out = dist / name
     atomic_write(out, data, 0o755)
     digest = hashlib.sha256(data).hexdigest()
     write_checksum_file(out, digest)

@@ -46,3 +46,14 @@ def test_sign_without_key_says_what_to_do(tmp_path: Path) -> None:
     out = _inv(tmp_path, "sign")
     assert out.returncode == 2
     assert "inv keygen" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_build_with_another_runner_name_writes_its_own_checksum(tmp_path: Path) -> None:
+    env_runner = tmp_path / "out" / "custom.pyz"
+    out = subprocess.run([sys.executable, "-m", "invoke", "-r", str(ROOT), "build"], cwd=tmp_path,
+                         env=dict(os.environ, CRONIUM_FAB_RUNNER_SRC=str(ROOT / "runner"),
+                                  CRONIUM_FAB_RUNNER=str(env_runner)), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    digest = hashlib.sha256(env_runner.read_bytes()).hexdigest()
+    assert (tmp_path / "out" / "custom.pyz.sha256").read_text() == f"{digest}  custom.pyz\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["custom.pyz", "custom.pyz.sha256"]
