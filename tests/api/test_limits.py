@@ -198,3 +198,24 @@ def test_connections_over_the_cap_get_503(db: Database) -> None:
             time.sleep(0.05)
         else:
             pytest.fail("the server did not free the connection slots")
+
+
+def test_helpers_wait_out_the_rate_limit_instead_of_failing(limited: Setup) -> None:
+    """A script that calls getVariable in a tight loop slows down (Retry-After) but never fails."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shims = Path(__file__).resolve().parents[2] / "runner" / "cronium_runner" / "shims"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import cronium\n"
+              "values = [cronium.getVariable('k') for _ in range(12)]\n"
+              "print('ok', len(values))\n")
+    env = dict(os.environ, CRONIUM_HELPER_MODE="api", CRONIUM_RUNTIME_API=f"http://127.0.0.1:{limited.api.port}",
+               CRONIUM_EXECUTION_TOKEN=limited.token_a, CRONIUM_EXECUTION_ID=limited.exec_a)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", script, str(shims)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok 12"
+    assert time.monotonic() - t0 >= 1.0, "12 calls at 5/s (burst 5) must have waited"

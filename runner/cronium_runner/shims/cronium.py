@@ -78,8 +78,33 @@ def _drop_connection():
         _conn = None
 
 
-def _api(method, path, body=_MISSING, allow_404=False):
+RETRY_BUDGET_S = 60.0   # how long helpers wait out the API's rate limit (429) before failing
+
+
+def _send(method, url, data, headers, what):
+    """One request on the kept-alive connection (reconnecting once if the server closed it)."""
     import http.client
+    for attempt in (0, 1):
+        reused = _conn is not None
+        try:
+            conn = _connection()
+            conn.request(method, url, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw, status, retry_after = resp.read(), resp.status, resp.getheader("Retry-After")
+            if resp.will_close:
+                _drop_connection()
+            return status, raw, retry_after
+        except (http.client.HTTPException, OSError, ValueError) as e:
+            _drop_connection()
+            # a kept-alive connection the server closed meanwhile: reconnect once
+            if attempt == 0 and reused and isinstance(e, (http.client.RemoteDisconnected, ConnectionError,
+                                                          http.client.CannotSendRequest)):
+                continue
+            raise RuntimeError("cronium API %s failed: %s" % (what, e))
+
+
+def _api(method, path, body=_MISSING, allow_404=False):
+    import time
     import urllib.parse
     token = os.environ.get("CRONIUM_EXECUTION_TOKEN") or os.environ.get("CRONIUM_API_TOKEN") or ""
     exe = os.environ.get("CRONIUM_EXECUTION_ID") or ""
@@ -89,32 +114,30 @@ def _api(method, path, body=_MISSING, allow_404=False):
     headers = {"Authorization": "Bearer " + token, "Accept": "application/json"}
     if data is not None:
         headers["Content-Type"] = "application/json"
-    for attempt in (0, 1):
-        reused = _conn is not None
-        try:
-            conn = _connection()
-            conn.request(method, url, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw, status = resp.read(), resp.status
-            if resp.will_close:
-                _drop_connection()
+    what = "%s %s" % (method, path)
+    deadline = time.monotonic() + RETRY_BUDGET_S
+    while True:
+        status, raw, retry_after = _send(method, url, data, headers, what)
+        if status != 429:
             break
-        except (http.client.HTTPException, OSError, ValueError) as e:
-            _drop_connection()
-            # a kept-alive connection the server closed meanwhile: reconnect once
-            if attempt == 0 and reused and isinstance(e, (http.client.RemoteDisconnected, ConnectionError,
-                                                          http.client.CannotSendRequest)):
-                continue
-            raise RuntimeError("cronium API %s %s failed: %s" % (method, path, e))
+        # Too many calls at once: the API says when to come back. A busy loop in a script slows
+        # down instead of failing, up to the budget.
+        try:
+            wait = min(max(float(retry_after or 1), 0.05), 5.0)
+        except ValueError:
+            wait = 1.0
+        if time.monotonic() + wait > deadline:
+            break
+        time.sleep(wait)
     if status == 404 and allow_404:
         return None
     if status >= 400:
         detail = raw[:300].decode("utf-8", "replace")
-        raise RuntimeError("cronium API %s %s failed: HTTP %d %s" % (method, path, status, detail))
+        raise RuntimeError("cronium API %s failed: HTTP %d %s" % (what, status, detail))
     try:
         return json.loads(raw.decode("utf-8")) if raw else None
     except ValueError:
-        raise RuntimeError("cronium API %s %s: response is not JSON" % (method, path))
+        raise RuntimeError("cronium API %s: response is not JSON" % what)
 
 
 def _data(resp):
