@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from . import launch
+from .cli import EXIT_INTERNAL
 from .errors import ConfigError
 
 # Everything a command may import, so that a fork finds it loaded.
@@ -50,7 +51,6 @@ PRELOAD = (
     "sqlalchemy.dialects.postgresql.psycopg",
     "psycopg",
 )
-EXIT_INTERNAL = 6
 CODE_CHECK_INTERVAL = 2.0   # seconds between looks at the code on disk (upgrade -> restart)
 
 
