@@ -102,8 +102,9 @@ def get_variable(session: Session | Connection, user_id: str, key: str) -> str |
 
 
 def read_variable(db: Database, user_id: str, key: str) -> str | None:
-    """``get_variable`` on a pooled connection without an ORM session (the API's hot path)."""
-    with db.engine.connect() as conn:
+    """``get_variable`` on a pooled connection without an ORM session or a transaction (the API's
+    hot path: one statement, one round trip)."""
+    with db.autocommit.connect() as conn:
         return get_variable(conn, user_id, key)
 
 
