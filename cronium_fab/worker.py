@@ -35,6 +35,8 @@ import traceback
 from collections.abc import Callable
 from typing import IO, Any
 
+import setproctitle
+
 from . import launch
 from .cli import EXIT_INTERNAL
 from .errors import ConfigError
@@ -255,7 +257,7 @@ class Worker:
                 self.log(f"run {os.getpid()}: {command}: the client gave up before the start; not run")
                 return 0
             self.log(f"run {os.getpid()}: {command}")
-            return _run_command(conn, fds, doc, argv)
+            return _run_command(conn, fds, doc, argv, command)
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -346,9 +348,11 @@ def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
         raise
 
 
-def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv: list[str]) -> int:
+def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv: list[str], command: str) -> int:
     """Become the client's command: its stdio, directory, umask, environment and argv; run it;
     report how it ended."""
+    # In ps and pgrep -f: the command (never its arguments, which may carry input data).
+    setproctitle.setproctitle(f"cronium-fab {command} (served by worker {os.getppid()})")
     os.setsid()    # the worker's terminal signals are not ours; our client forwards its own
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):

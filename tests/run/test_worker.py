@@ -116,6 +116,24 @@ def test_ctrl_c_of_client_cancels_run_served_by_worker(fleet: Fleet, ssh_hosts, 
     assert len(worker.served()) == 1
 
 
+def test_a_served_run_shows_its_command_in_ps(fleet: Fleet, ssh_hosts, worker: RunningWorker,  # type: ignore[no-untyped-def]
+                                              tmp_path: Path) -> None:
+    (host,) = ssh_hosts(1)
+    proc, marker = start_long_run(fleet, host, [CLIENT], worker.env, tmp_path)
+    try:
+        served = worker.served()
+        assert len(served) == 1
+        pid = int(served[0].split(": run ")[1].split(":")[0])
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        assert title.startswith("cronium-fab run-event (served by worker "), title
+        assert "--id" not in title
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 5
+    assert wait_gone(marker) == []
+
+
 def test_killed_client_cancels_its_run(fleet: Fleet, ssh_hosts, worker: RunningWorker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     (host,) = ssh_hosts(1)
     proc, marker = start_long_run(fleet, host, [CLIENT], worker.env, tmp_path)
