@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from fabric import Config, Executor, task
 from fabric.main import Fab
 from invoke import Call, Collection, Exit, Task
+from invoke.exceptions import ParseError
 
 from . import __version__
 from .errors import CroniumFabError
@@ -413,8 +414,31 @@ class GroupExecutor(Executor):
         return group_calls + super().expand_calls(other, apply_hosts=apply_hosts)
 
 
+class _Program(Fab):
+    """Fab with our usage-error contract: a bad flag or an unknown command exits 2 (not Invoke's 1,
+    which would read as a FAILED run), and `run-event --json` still prints one JSON document."""
+
+    def _usage(self, exc: ParseError) -> Exit:
+        message = f"cronium-fab: error: {exc} (`cronium-fab --help` lists commands, `cronium-fab --help CMD` flags)"
+        if "--json" in sys.argv[1:] and "run-event" in sys.argv[1:]:
+            print(json.dumps({"status": "ERROR", "error": str(exc), "exit_code": EXIT_USAGE}))
+        return Exit(message, code=EXIT_USAGE)
+
+    def parse_core(self, argv: list[str] | None) -> None:
+        try:
+            super().parse_core(argv)
+        except ParseError as exc:
+            raise self._usage(exc) from None
+
+    def parse_tasks(self) -> None:
+        try:
+            super().parse_tasks()
+        except ParseError as exc:
+            raise self._usage(exc) from None
+
+
 def program() -> Fab:
-    return Fab(
+    return _Program(
         name="cronium-fab",
         binary="cronium-fab",
         version=__version__,

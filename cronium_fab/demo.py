@@ -58,6 +58,32 @@ def _trust(settings: Settings, address: str, port: int, public_line: str) -> Non
     KnownHostsStore(settings.known_hosts).replace(host_entry_name(address, port), key)
 
 
+def stop_worker_at(path: Path) -> int | None:
+    """SIGTERM the cronium-fab worker of ours listening on ``path``; its pid, or None."""
+    import signal
+    import socket
+
+    from .launch import peer_creds
+
+    if not path.exists():
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(str(path))
+            pid, uid, _gid = peer_creds(sock)
+        except OSError:
+            return None      # nobody listening: a socket left by a worker that died
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if uid != os.getuid() or b"worker" not in cmdline:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    return pid
+
+
 def demo_environment() -> dict[str, str]:
     """Everything the demo's commands need, as absolute paths, whatever the caller's environment."""
     here = Settings.from_env()
@@ -81,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     stopped = stop_from_state(hosts_dir)
     if args.stop:
         print(f"stopped {stopped} demo host(s)")
+        pid = stop_worker_at(DATA_DIR / "worker.sock")
+        if pid:
+            print(f"stopped the demo's cronium-fab worker (pid {pid})")
         return 0
     try:
         return _demo(hosts_dir)
@@ -135,9 +164,9 @@ def _demo(hosts_dir: Path) -> int:
         f"\nThe demo's environment is in {env_file} (its own database, keys, runner; absolute paths):\n"
         f"  run it again:    . {env_file} && cronium-fab run-event --id {event_id}"
         "   (--json for the JSON result, --helper-mode bundled|api)\n"
-        f"  skip start-up:   . {env_file} && cronium-fab worker &"
-        "   (later cronium-fab commands in that environment are served by it: docs/WORKER.md)\n"
-        "  stop the hosts:  make demo-stop",
+        f"  skip start-up:   . {env_file}; cronium-fab worker 2>>{DEMO_DIR}/worker.log &"
+        "   (then cronium-fab commands in that shell are served by it: docs/WORKER.md)\n"
+        "  stop the hosts (and that worker):  make demo-stop",
         file=sys.stderr,
     )
     return 0 if result.status == "SUCCESS" else result.exit_code

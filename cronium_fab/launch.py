@@ -78,10 +78,11 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def peer_uid(sock: socket.socket) -> int:
-    """The uid of the process at the other end of a Unix socket (Linux SO_PEERCRED)."""
+def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (Linux SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+    pid, uid, gid = struct.unpack("3i", creds)
+    return int(pid), int(uid), int(gid)
 
 
 def send_frame(sock: socket.socket, doc: dict[str, object], fds: list[int] | None = None) -> None:
@@ -176,7 +177,7 @@ def _worker_session(signals: _Signals) -> tuple[socket.socket, bytearray] | None
     try:
         sock.settimeout(READY_TIMEOUT)
         sock.connect(path)
-        if peer_uid(sock) != os.getuid():   # never hand our environment to another user's process
+        if peer_creds(sock)[1] != os.getuid():   # never hand our environment to another user's process
             raise OSError("the worker socket belongs to another user")
         # Wait until a fork of the worker answers before handing over any file descriptor: fds
         # in flight to a stuck worker would keep our caller's pipes open after we ran it here.

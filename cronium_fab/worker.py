@@ -87,8 +87,10 @@ class Worker:
                               "CRONIUM_FAB_WORKER_SOCKET to a path in a private directory of yours "
                               "(e.g. ~/.cache/cronium-fab/worker.sock)")
         if st.st_mode & 0o022:
-            raise ConfigError(f"{parent} is writable by others, so they could replace the worker socket: "
-                              f"chmod go-w {parent}, or set CRONIUM_FAB_WORKER_SOCKET to a path in a private directory")
+            raise ConfigError(f"{parent} is writable by others, so they could replace the worker socket: put it "
+                              "in a private directory, e.g. `mkdir -m 700 ~/.cache/cronium-fab` and "
+                              "CRONIUM_FAB_WORKER_SOCKET=~/.cache/cronium-fab/worker.sock (for the worker and "
+                              "its clients)")
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 raise ConfigError(f"{self.path} exists and is not a socket; move it away")
@@ -96,9 +98,15 @@ class Worker:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            other = ""
+            with contextlib.suppress(OSError, ValueError):
+                other = os.pread(self._lock_fd, 32, 0).decode().strip()
             os.close(self._lock_fd)
             self._lock_fd = -1
-            raise ConfigError(f"another cronium-fab worker already serves {self.path}") from None
+            raise ConfigError(f"another cronium-fab worker already serves {self.path}"
+                              + (f" (pid {other})" if other else "")) from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         with contextlib.suppress(FileNotFoundError):   # we hold the lock: a socket there is a dead worker's
             os.unlink(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -140,8 +148,11 @@ class Worker:
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
                     if signal.getsignal(sig) is not signal.SIG_IGN}   # `nohup cronium-fab worker &` survives logout
-        self.log(f"listening on {self.path} (clients find it with the same CRONIUM_FAB_DATA_DIR, or "
-                 f"CRONIUM_FAB_WORKER_SOCKET={self.path})")
+        if os.environ.get("CRONIUM_FAB_WORKER_SOCKET") or self.path != launch.socket_path():
+            how = f"CRONIUM_FAB_WORKER_SOCKET={self.path}"
+        else:
+            how = f"the same CRONIUM_FAB_DATA_DIR, or CRONIUM_FAB_WORKER_SOCKET={self.path}"
+        self.log(f"listening on {self.path} (clients find it with {how})")
         restart = False
         watch, next_check = CodeWatch(self.fingerprint), time.monotonic() + CODE_CHECK_INTERVAL
         try:
@@ -205,7 +216,7 @@ class Worker:
         """Check who is calling, then fork at once: the child talks to the client, so a slow or
         stuck client never holds up the others."""
         try:
-            uid = launch.peer_uid(conn)
+            uid = launch.peer_creds(conn)[1]
             if uid != os.getuid():
                 self.log(f"refused a connection from uid {uid}")
                 return
@@ -448,7 +459,7 @@ def _watch_client(conn: socket.socket, finished: threading.Event) -> None:
 
 
 def serve(path: str | None = None) -> int:
-    worker = Worker(path or launch.socket_path())
+    worker = Worker(os.path.abspath(os.path.expanduser(path)) if path else launch.socket_path())
     try:
         return worker.serve()
     finally:

@@ -21,6 +21,8 @@ import pytest
         (["run-event", "--id", "1", "--host-key-policy", "yolo"], "host key policy 'yolo'"),
         (["payload-build", "--event", "x"], "--event needs an event id"),
         (["known-hosts-add", "127.0.0.1:notaport"], "port must be a number"),
+        (["run-event", "--id", "1", "--nope"], "No idea what '--nope' is"),   # a typo is not a FAILED run (1)
+        (["bogus"], "No idea what 'bogus' is"),
     ],
 )
 def test_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:
@@ -62,3 +64,13 @@ def test_reader_gone_is_a_quiet_failure_not_an_internal_error(tmp_path: Path) ->
         os.close(w)
     assert out.returncode == 1, out.stderr
     assert "internal error" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_json_flag_typo_still_prints_one_document(tmp_path: Path) -> None:
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "cronium_fab", "run-event", "--id", "1", "--json", "--nope"],
+                         capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 2
+    doc = json.loads(out.stdout)
+    assert doc["status"] == "ERROR" and doc["exit_code"] == 2 and "--nope" in doc["error"]

@@ -232,6 +232,7 @@ def test_second_worker_on_same_socket_is_refused_clearly(fleet: Fleet, worker: R
                          text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 2     # a configuration problem, as for any other bad setting
     assert "another cronium-fab worker already serves" in out.stderr
+    assert f"(pid {worker.proc.pid})" in out.stderr
     assert worker.socket.exists()
     assert worker.client("--version", cwd=tmp_path).returncode == 0
     assert len(worker.served()) == 1, "the first worker still serves"
@@ -365,3 +366,15 @@ def test_caller_with_closed_stdio_is_served_as_in_process(fleet: Fleet, worker: 
         codes[way] = out.returncode
     assert codes == {"in-process": 2, "worker": 2}
     assert "killed by signal" not in worker.log_text()
+
+
+def test_socket_in_a_shared_directory_is_refused_with_advice_that_is_safe(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o1777)                      # like /tmp
+    out = subprocess.run([CLIENT, "worker"], env=dict(os.environ, CRONIUM_FAB_WORKER_SOCKET=str(shared / "w.sock")),
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "writable by others" in out.stderr and "mkdir -m 700" in out.stderr
+    assert "chmod" not in out.stderr.replace("mkdir -m 700", ""), "never advise changing a shared directory"
+    assert list(shared.iterdir()) == [], "nothing left behind"
