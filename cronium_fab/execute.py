@@ -287,13 +287,14 @@ def _ssh_settings(settings: Settings) -> SSHSettings:
 
 
 @contextmanager
-def _interrupts_cancel(cancel: threading.Event) -> Iterator[None]:
-    """SIGTERM (and SIGINT via KeyboardInterrupt) set ``cancel`` instead of killing us mid-record."""
+def _interrupts_cancel(cancel: threading.Event, on_signal: Callable[[str], None]) -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP set ``cancel`` (and say which) instead of killing us mid-record."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
+        on_signal(signal.Signals(signum).name)
         cancel.set()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -351,11 +352,19 @@ class EventRun:
             raise CroniumFabError(f"helper mode {self.mode!r} is not one of {', '.join(HELPER_MODES)}")
         self.api: HelperAPI | None = None
         self._started_together: set[str] = set()
+        self.cancel_reason: str | None = None   # "the controller received SIGINT" when a signal cancelled us
+
+    def _cancel_message(self, what: str) -> str:
+        return f"{what}: {self.cancel_reason}" if self.cancel_reason else what
+
+    def _cancelled_by(self, signame: str) -> None:
+        self.cancel_reason = self.cancel_reason or f"the controller received {signame}" + (
+            " (Ctrl-C)" if signame == "SIGINT" else "")
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> RunResult:
         # SIGTERM/SIGINT become "cancel" for the whole run, so a signal never kills us mid-write
-        with _interrupts_cancel(self.cancel):
+        with _interrupts_cancel(self.cancel, self._cancelled_by):
             return self._run()
 
     def _run(self) -> RunResult:
@@ -436,13 +445,14 @@ class EventRun:
                 try:
                     _done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 except KeyboardInterrupt:
+                    self._cancelled_by("SIGINT")
                     self.cancel.set()
                 if self.cancel.is_set():
                     for f in pending:
                         f.cancel()  # hosts not started yet never start
         for res in self.results:  # hosts whose turn never came
             if res.runner_cached is None and res.status == "cancelled" and res.error is None:
-                res.error = "cancelled before start"
+                res.error = self._cancel_message("cancelled before start")
                 self._finish_host(res, None, None, None)
 
     # -- one host -----------------------------------------------------------------------------
@@ -460,7 +470,7 @@ class EventRun:
 
     def _run_host(self, target: Target, res: HostResult) -> None:
         if self.cancel.is_set():
-            res.status, res.error = "cancelled", "cancelled before start"
+            res.status, res.error = "cancelled", self._cancel_message("cancelled before start")
             self._finish_host(res, None, None, None)
             return
         t0 = time.monotonic()
@@ -491,6 +501,8 @@ class EventRun:
                                           watchdog_s=self.timeout + KILL_GRACE + self.settings.watchdog_margin,
                                           setup_timeout_s=self.settings.setup_timeout)
                         _apply_run(res, run)
+                        if res.status == "cancelled" and self.cancel_reason:
+                            res.error = self._cancel_message("cancelled")
                         if run.error_kind in ("watchdog-timeout", "disconnected", "setup-timeout"):
                             conn.close()  # a dead or frozen peer: never wait on it again (tunnel cancel)
                         if self.api is not None and res.helper_mode == "api":

@@ -104,8 +104,11 @@ def assert_ctrl_c_cancels(fleet: Fleet, host: DevHost, program: list[str], env: 
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 5, rest
+    assert "cancelled: the controller received SIGINT (Ctrl-C)" in rest    # the summary says why
     assert wait_gone(marker) == []
     with fleet.db.session() as s:
-        assert s.scalars(select(Execution)).one().status == "cancelled"
+        execution = s.scalars(select(Execution)).one()
+        assert execution.status == "cancelled"
+        assert "SIGINT" in (execution.error or ""), execution.error
         assert s.scalars(select(Job)).one().status == "cancelled"
         assert s.scalars(select(Log)).one().status == "FAILURE"
