@@ -22,7 +22,7 @@ from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
 from cronium_fab.settings import Settings
 from cronium_fab.signing import load_private_key, sign_file
 from tests.factories import add_event, add_server
-from tests.procs import procs_with
+from tests.procs import procs_with, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,9 +92,7 @@ def start_long_run(fleet: Fleet, host: DevHost, program: list[str], env: dict[st
 
 def wait_gone(marker: str, timeout: float = 5.0) -> list[int]:
     """Waits until no process has ``marker`` in its argv; returns those left."""
-    deadline = time.monotonic() + timeout
-    while procs_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not procs_with(marker), timeout, interval=0.1)
     return procs_with(marker)
 
 

@@ -7,12 +7,11 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.procs import procs_with
+from tests.procs import procs_with, wait_until
 
 
 def _read(path: Path) -> str:
@@ -47,9 +46,7 @@ def test_demo_runs_keeps_to_its_own_database_and_leaves_a_usable_environment(
         # The printed worker line, as a user would type it; make demo-stop stops that worker too.
         subprocess.run(["bash", "-c", f". {env_file}; cronium-fab worker 2>>{tmp_path}/.demo/worker.log &"],
                        env=env, cwd=tmp_path, check=True, timeout=60)
-        deadline = time.monotonic() + 30
-        while "listening on" not in _read(tmp_path / ".demo" / "worker.log") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: "listening on" in _read(tmp_path / ".demo" / "worker.log"), 30)
         served = subprocess.run(["bash", "-c", f". {env_file} && cronium-fab events"], env=env, cwd="/",
                                 capture_output=True, text=True, timeout=60)
         assert served.returncode == 0 and "demo-helpers" in served.stdout, served.stderr
@@ -61,9 +58,7 @@ def test_demo_runs_keeps_to_its_own_database_and_leaves_a_usable_environment(
     assert "stopped 3 demo host(s)" in stop.stdout
     assert "stopped the demo's cronium-fab worker" in stop.stdout
     sock = tmp_path / ".demo" / "data" / "worker.sock"
-    deadline = time.monotonic() + 10
-    while sock.exists() and time.monotonic() < deadline:   # a worker removes its socket when it stops
-        time.sleep(0.1)
+    wait_until(lambda: not sock.exists(), 10)   # a worker removes its socket when it stops
     assert not sock.exists()
     assert "stopped;" in _read(tmp_path / ".demo" / "worker.log")
     assert procs_with(str(tmp_path / ".demo")) == []

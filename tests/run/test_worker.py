@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import select
 
 from cronium_fab.db.models import Execution, UserVariable
-from tests.procs import procs_with
+from tests.procs import procs_with, wait_until
 from tests.run.conftest import ROOT, Fleet, assert_ctrl_c_cancels, start_long_run, wait_gone
 
 pytestmark = pytest.mark.ssh
@@ -55,12 +55,10 @@ def start_worker(env: dict[str, str], cwd: Path, argv: list[str] | None = None) 
     with log.open("wb") as f:
         proc = subprocess.Popen(argv or [CLIENT, "worker"], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
     w = RunningWorker(proc, Path(env["CRONIUM_FAB_WORKER_SOCKET"]), log, env)
-    deadline = time.monotonic() + 30
-    while "listening on" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"worker did not start: {log.read_text()}")
-        time.sleep(0.05)
+    if not wait_until(lambda: "listening on" in log.read_text() or proc.poll() is not None, 30) \
+            or "listening on" not in log.read_text():
+        proc.kill()
+        raise AssertionError(f"worker did not start: {log.read_text()}")
     return w
 
 
@@ -139,18 +137,14 @@ def test_killed_client_cancels_its_run(fleet: Fleet, ssh_hosts, worker: RunningW
     proc, marker = start_long_run(fleet, host, [CLIENT], worker.env, tmp_path)
     proc.kill()                      # no chance to forward anything: the worker's run sees the socket close
     proc.wait(timeout=10)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def status() -> str:
         with fleet.db.session() as s:
-            status = s.scalars(select(Execution)).one().status
-        if status == "cancelled" and not procs_with(marker):
-            break
-        time.sleep(0.2)
-    assert status == "cancelled"
+            return s.scalars(select(Execution)).one().status
+
+    wait_until(lambda: status() == "cancelled" and not procs_with(marker), 30, interval=0.2)
+    assert status() == "cancelled"
     assert procs_with(marker) == []
-    deadline = time.monotonic() + 10
-    while "ended" not in worker.log_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: "ended" in worker.log_text(), 10)
     assert "ended: exit 5" in worker.log_text()
 
 
@@ -161,9 +155,7 @@ def test_worker_after_an_upgrade_refuses_then_restarts_itself(fleet: Fleet, work
     import sqlalchemy
 
     def wait_listening(times: int) -> None:
-        deadline = time.monotonic() + 30
-        while worker.log_text().count("listening on") < times and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: worker.log_text().count("listening on") >= times, 30)
         assert worker.log_text().count("listening on") >= times, worker.log_text()
 
     site_packages = Path(sqlalchemy.__file__).parents[1]
@@ -220,9 +212,7 @@ def test_worker_and_client_refuse_other_users(fleet: Fleet, worker: RunningWorke
         shutil.rmtree(shared)
     assert out.returncode == 0, out.stderr
     assert "session: None" in out.stdout, "the client must not hand its environment to another user's worker"
-    deadline = time.monotonic() + 5
-    while "refused a connection from uid 65534" not in worker.log_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "refused a connection from uid 65534" in worker.log_text(), 5)
     assert "refused a connection from uid 65534" in worker.log_text()
     assert worker.served() == []
 
@@ -305,9 +295,7 @@ def test_worker_log_names_the_command_never_its_arguments(fleet: Fleet, worker: 
     secret = "s3cr3t-token-in-input"
     out = worker.client("run-event", "--id", "424242", "--input", json.dumps({"token": secret}), cwd=tmp_path)
     assert out.returncode == 2
-    deadline = time.monotonic() + 5
-    while "ended" not in worker.log_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "ended" in worker.log_text(), 5)
     log = worker.log_text()
     assert "run-event" in log and "ended: exit 2" in log
     assert secret not in log and "424242" not in log
@@ -325,9 +313,7 @@ def test_stuck_worker_means_in_process_run_and_never_a_second_run(fleet: Fleet, 
     assert out.returncode == 0, out.stderr          # ran in-process after the wait
     assert waited >= 1.5
     assert "did not answer within 2 s" in out.stderr and "running the command in this process" in out.stderr
-    deadline = time.monotonic() + 10
-    while "gave up" not in worker.log_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "gave up" in worker.log_text(), 10)
     assert "no command from a client (it gave up waiting" in worker.log_text()
     assert worker.served() == [], "the command ran in-process; the worker must never run it too"
 
