@@ -37,6 +37,7 @@ from .db.models import Server, utcnow
 from .db.queries import ResolvedEvent, resolve_event, server_credentials, user_variables
 from .errors import CroniumFabError
 from .helper_api import ExecutionContext, HelperAPI, HelperState
+from .launch import catch_stop_signals, restore_signals
 from .payloads import PayloadStore
 from .records import Deployment, RunRecorder, execution_id_for
 from .remote.connection import HostTarget, SSHSettings, open_connection
@@ -297,13 +298,11 @@ def _interrupts_cancel(cancel: threading.Event, on_signal: Callable[[str], None]
         on_signal(signal.Signals(signum).name)
         cancel.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-                if signal.getsignal(sig) is not signal.SIG_IGN}   # `nohup cronium-fab run-event ...` survives logout
+    previous = catch_stop_signals(handler)   # `nohup cronium-fab run-event ...` survives logout
     try:
         yield
     finally:
-        for sig, prev in previous.items():
-            signal.signal(sig, prev)
+        restore_signals(previous)
 
 
 def _phase_times(run: HostRun | None, started: datetime, connected: datetime | None) -> dict[str, datetime | None]:

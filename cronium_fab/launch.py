@@ -22,6 +22,7 @@ import signal
 import socket
 import struct
 import sys
+from typing import Any
 
 PROTOCOL = 1
 HEADER = struct.Struct("!I")
@@ -112,19 +113,30 @@ def read_line(sock: socket.socket, buf: bytearray) -> dict[str, object]:
     return doc if isinstance(doc, dict) else {}
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def catch_stop_signals(handler: Any) -> dict[signal.Signals, Any]:
+    """Install ``handler`` for SIGINT, SIGTERM and SIGHUP, except those our caller made us ignore
+    (`nohup`, `&` in a script): they stay ignored. Returns what to give back to ``restore_signals``."""
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
+
+
+def restore_signals(previous: dict[signal.Signals, Any]) -> None:
+    for sig, prev in previous.items():
+        signal.signal(sig, prev)
+
+
 class _Signals:
     """Our SIGINT/SIGTERM/SIGHUP while a worker runs the command: queued until its run process is
     known, then forwarded to it."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
     def __init__(self) -> None:
         self.received: list[int] = []
         self.sock: socket.socket | None = None
-        # Signals our caller made us ignore (nohup, `&` in a script) stay ignored, here and there.
-        self.ignored = [int(sig) for sig in self.SIGNALS if signal.getsignal(sig) is signal.SIG_IGN]
-        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS
-                         if int(sig) not in self.ignored}
+        self.previous = catch_stop_signals(self._on_signal)
+        # Signals our caller made us ignore stay ignored, here and in the worker's fork.
+        self.ignored = [int(sig) for sig in STOP_SIGNALS if sig not in self.previous]
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.received.append(signum)
@@ -145,8 +157,7 @@ class _Signals:
 
     def restore(self) -> None:
         """Back to normal handling; a signal that came in meanwhile is delivered to us now."""
-        for sig, prev in self.previous.items():
-            signal.signal(sig, prev)
+        restore_signals(self.previous)
         if self.received:
             die_of(self.received[-1])
 

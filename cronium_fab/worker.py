@@ -146,8 +146,7 @@ class Worker:
         def stop(signum: int, _frame: Any) -> None:
             self.stopping = True
 
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-                    if signal.getsignal(sig) is not signal.SIG_IGN}   # `nohup cronium-fab worker &` survives logout
+        previous = launch.catch_stop_signals(stop)   # `nohup cronium-fab worker &` survives logout
         if os.environ.get("CRONIUM_FAB_WORKER_SOCKET") or self.path != launch.socket_path():
             how = f"CRONIUM_FAB_WORKER_SOCKET={self.path}"
         else:
@@ -184,8 +183,7 @@ class Worker:
                         continue
                     self._handle(conn)
         finally:
-            for sig, prev in previous.items():
-                signal.signal(sig, prev)
+            launch.restore_signals(previous)
             self.close()
             self._reap()
         if restart and not self.stopping:
@@ -321,6 +319,16 @@ def _ensure_std_fds() -> None:
                 os.close(null)
 
 
+def _recv_exact(conn: socket.socket, n: int, what: str) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = conn.recv(n - len(data))
+        if not more:
+            raise ValueError(f"connection closed in the {what}")
+        data += more
+    return data
+
+
 def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """The client's request: a JSON object and its stdin, stdout, stderr and working directory."""
     size = launch.HEADER.size
@@ -332,20 +340,11 @@ def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
             arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
             fds.extend(arr)
     try:
-        while len(data) < size:
-            more = conn.recv(size - len(data))
-            if not more:
-                raise ValueError("connection closed in the request header")
-            data += more
+        data += _recv_exact(conn, size - len(data), "request header")
         (length,) = launch.HEADER.unpack(data)
         if length > launch.MAX_REQUEST:
             raise ValueError(f"request of {length} bytes is too large")
-        body = b""
-        while len(body) < length:
-            more = conn.recv(length - len(body))
-            if not more:
-                raise ValueError("connection closed in the request")
-            body += more
+        body = _recv_exact(conn, length, "request")
         try:
             doc = json.loads(body)
         except RecursionError:
@@ -369,7 +368,7 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     for signum in doc.get("ignored_signals") or []:     # what the caller ignores, we ignore
-        if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signum in launch.STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
@@ -443,7 +442,7 @@ def _reopen_stdio() -> None:
 def _watch_client(conn: socket.socket, finished: threading.Event) -> None:
     """Signals the client forwards become ours; the client gone before the end is SIGTERM."""
     buf = bytearray()
-    allowed = {int(signal.SIGINT), int(signal.SIGTERM), int(signal.SIGHUP)}
+    allowed = {int(sig) for sig in launch.STOP_SIGNALS}
     while True:
         try:
             doc = launch.read_line(conn, buf)
