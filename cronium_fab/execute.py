@@ -39,7 +39,7 @@ from .errors import CroniumFabError
 from .helper_api import ExecutionContext, HelperAPI, HelperState
 from .launch import catch_stop_signals, restore_signals
 from .payloads import PayloadStore
-from .records import Deployment, RunRecorder, execution_id_for
+from .records import Deployment, RunRecorder, execution_id_for, hand_run_payload
 from .remote.connection import HostTarget, SSHSettings, open_connection
 from .remote.errors import RemoteError
 from .remote.runner_cache import runner_file_name
@@ -383,8 +383,11 @@ class EventRun:
         self.ssh = _ssh_settings(settings)
         self.recorder = recorder = RunRecorder(db)
         # bad input stops before this line; from here on every row must end in a terminal state
-        self.ctx = ctx = recorder.start(event_id=event.id, event_name=event.name, event_type=event.type,
-                                        user_id=event.user_id, job_id=request.job_id, input_data=request.input)
+        self.ctx = ctx = recorder.start(
+            event_id=event.id, event_name=event.name, event_type=event.type, user_id=event.user_id,
+            job_id=request.job_id, input_data=request.input,
+            new_job_payload=hand_run_payload(event, [t.server_id for t in self.targets], request.input,
+                                             request.timeout))
         self.trigger = "job" if request.job_id else "manual"
         self.results: list[HostResult] = []
         results = self.results

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from .db.engine import Database
 from .db.models import Event, Execution, Job, Log, RunnerDeployment, UserVariable, utcnow
-from .db.queries import encode_variable
+from .db.queries import ResolvedEvent, encode_variable
 from .errors import CroniumFabError
 
 # run status (logs.status) -> jobs.status, as Cronium does
@@ -34,8 +34,37 @@ class JobNotFound(CroniumFabError):
     pass
 
 
+JOB_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
 def new_job_id() -> str:
-    return f"job_{int(time.time() * 1000)}_{secrets.token_hex(4)}"
+    """An id like the app's own: ``job_`` and 12 characters of [0-9A-Za-z] (its nanoid alphabet)."""
+    return "job_" + "".join(secrets.choice(JOB_ID_ALPHABET) for _ in range(12))
+
+
+def hand_run_payload(event: ResolvedEvent, server_ids: Sequence[int | None], input_data: Any,
+                     timeout_s: float | None) -> dict[str, Any]:
+    """``jobs.payload`` for a run that no Cronium job asked for, shaped as the app's job payload
+    builder makes it, so Cronium's UI shows the job like its own. ``target.serverId`` is the first
+    server, as the app writes it; ``target.serverIds`` lists them all (ours: the app has no
+    multi-server shape). Env var values are left out: a job row is no place for secrets."""
+    registered = [sid for sid in server_ids if sid is not None]
+    target: dict[str, Any] = {"serverId": registered[0]} if registered else {}
+    if len(server_ids) > 1 or len(registered) < len(server_ids):
+        target["serverIds"] = registered
+    if timeout_s is None:
+        timeout = {"value": event.timeout_value, "unit": event.timeout_unit}
+    else:
+        timeout = {"value": timeout_s, "unit": "SECONDS"}
+    payload: dict[str, Any] = {
+        "input": {} if input_data is None else input_data,
+        "script": {"type": event.type, "content": event.content},
+        "target": target,
+        "timeout": timeout,
+    }
+    if event.retries:
+        payload["retries"] = event.retries
+    return payload
 
 
 def execution_id_for(job_id: str, server_key: str | int) -> str:
@@ -155,7 +184,11 @@ class RunRecorder:
 
     # -- start -----------------------------------------------------------------------------
     def start(self, *, event_id: int, event_name: str, event_type: str, user_id: str,
-              job_id: str | None, input_data: Any, triggered_by: str = "cronium-fab") -> JobContext:
+              job_id: str | None, input_data: Any, new_job_payload: dict[str, Any] | None = None,
+              triggered_by: str = "manual") -> JobContext:
+        """The run's ``jobs`` row (Cronium's, with ``job_id``; else a new one, as the app writes
+        it: payload ``new_job_payload``, metadata ``{eventName, triggeredBy, logId}``) and its
+        ``logs`` row, both ``running``/``RUNNING``."""
         now = utcnow()
         with self.db.session() as s:
             if job_id is not None:
@@ -170,14 +203,10 @@ class RunRecorder:
                 created = False
             else:
                 job_id = new_job_id()
-                payload = {
-                    "input": input_data,
-                    "script": {"type": event_type, "content": None},
-                    "target": {},
-                }
+                payload = dict(new_job_payload or {"input": input_data, "script": {"type": event_type}})
                 job = Job(id=job_id, event_id=event_id, user_id=user_id, type="SCRIPT", status="queued",
                           payload=payload, metadata_={"eventName": event_name, "triggeredBy": triggered_by},
-                          created_at=now)
+                          scheduled_for=now, created_at=now)
                 s.add(job)
                 created = True
             job.status = "running"

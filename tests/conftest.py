@@ -95,11 +95,39 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield from _pg_schema_url(request.getfixturevalue("postgres_url"))
 
 
+# The three databases every test that crosses the database boundary runs on: the embedded SQLite
+# file and PostgreSQL, both made by our `db-init`, and PostgreSQL as Cronium's own migrations make it
+# (built from tests/data/cronium_schema.json alone, never from our models).
+DB_FLAVOURS = ["sqlite", "postgresql", "cronium"]
+
+
+def cronium_db_url(postgres_url: str) -> Iterator[str]:
+    """A private PostgreSQL schema holding Cronium's tables exactly as its migrations make them."""
+    from tests.cronium_schema import create_cronium_tables
+
+    for url in _pg_schema_url(postgres_url):
+        create_cronium_tables(url.replace("postgresql+psycopg://", "postgresql://"))
+        yield url
+
+
+@pytest.fixture(params=DB_FLAVOURS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a database with Cronium's tables, in each of the three flavours."""
+    if request.param == "cronium":
+        yield from cronium_db_url(request.getfixturevalue("postgres_url"))
+        return
+    for url in ([f"sqlite:///{tmp_path / 'cronium.db'}"] if request.param == "sqlite"
+                else _pg_schema_url(request.getfixturevalue("postgres_url"))):
+        database = Database(url)
+        database.init()
+        database.dispose()
+        yield url
+
+
 @pytest.fixture
-def db(empty_db_url: str) -> Iterator[Database]:
-    """A Database with Cronium's tables created (by db-init)."""
-    database = Database(empty_db_url)
-    database.init()
+def db(db_url: str) -> Iterator[Database]:
+    """A Database with Cronium's tables (by db-init, or as Cronium's migrations make them)."""
+    database = Database(db_url)
     try:
         yield database
     finally:

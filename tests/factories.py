@@ -1,4 +1,5 @@
-"""Rows for tests, written through the models (Cronium's names)."""
+"""Rows for tests, written through the models (Cronium's names), with what Cronium's app puts in
+the columns that matter to a run: an SSH event is ``ACTIVE`` and runs ``REMOTE``."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def add_event(db: Database, *, name: str = "ev", type: str = "BASH", content: st
     add_user(db, user_id)
     with db.session() as s:
         event = Event(user_id=user_id, name=name, type=type, content=content, server_id=server_id,
-                      timeout_value=timeout_value, timeout_unit=timeout_unit, payload_version=1)
+                      timeout_value=timeout_value, timeout_unit=timeout_unit, payload_version=1,
+                      status="ACTIVE", run_location="REMOTE")
         s.add(event)
         s.flush()
         for sid in servers or []:

@@ -50,6 +50,9 @@ class ResolvedEvent:
     servers: list[ResolvedServer]
     skipped: list[SkippedServer]
     env: dict[str, str] = field(repr=False)
+    timeout_value: int = 30
+    timeout_unit: str = "SECONDS"
+    retries: int = 0
 
     @property
     def interpreter(self) -> str:
@@ -159,6 +162,9 @@ def resolve_event(session: Session, event_id: int, *, require_servers: bool = Tr
         servers=[server_credentials(s, key) for s in servers],
         skipped=skipped,
         env=event_env(session, event.id, key),
+        timeout_value=event.timeout_value if event.timeout_value is not None else 30,
+        timeout_unit=(event.timeout_unit or "SECONDS").upper(),
+        retries=event.retries or 0,
     )
 
 

@@ -1,107 +1,168 @@
-"""A database created by Cronium's own migrations (plain DDL, not our models) works unchanged."""
+"""Our models against Cronium's schema as its migrations make it (tests/data/cronium_schema.json):
+no drift, column by column; db-init makes Cronium's tables; the test flavour is faithful."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, Table, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql.schema import DefaultClause
 
 from cronium_fab.db.engine import Database
-from cronium_fab.db.queries import resolve_event, user_variables
-from cronium_fab.payloads import PayloadStore
-from cronium_fab.settings import Settings
+from cronium_fab.db.models import Base
+from cronium_fab.db.queries import resolve_event
+from tests.conftest import _pg_schema_url, cronium_db_url
+from tests.cronium_schema import SCHEMA_FILE, columns, constraints, cronium_tables, differences, read_tables
+from tests.factories import add_event, add_server
 
-# Cronium's schema as its drizzle migrations create it (CRONIUM.md §1), with columns we never map.
-CRONIUM_DDL = """
-CREATE TABLE users (id varchar(255) PRIMARY KEY, email varchar(255), username varchar(255), first_name varchar(255),
-  role varchar(50) DEFAULT 'USER', created_at timestamp DEFAULT CURRENT_TIMESTAMP, updated_at timestamp DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE servers (id SERIAL PRIMARY KEY, user_id varchar(255) NOT NULL REFERENCES users(id), name varchar(255) NOT NULL,
-  address varchar(255) NOT NULL, ssh_key text, password text, username varchar(255) DEFAULT 'root', port integer DEFAULT 22,
-  online boolean DEFAULT false, last_checked timestamp, shared boolean DEFAULT false, is_archived boolean DEFAULT false,
-  archived_at timestamp, archive_reason text, created_at timestamp DEFAULT CURRENT_TIMESTAMP, updated_at timestamp DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE events (id SERIAL PRIMARY KEY, user_id varchar(255) NOT NULL REFERENCES users(id), name varchar(255) NOT NULL,
-  description text, short_name varchar(255), type varchar(50) NOT NULL, content text, http_method varchar(50), http_url text,
-  http_headers JSONB, http_body text, tool_action_config JSONB, status varchar(50) NOT NULL, run_location varchar(50) DEFAULT 'LOCAL',
-  server_id integer REFERENCES servers(id), timeout_value integer DEFAULT 30, timeout_unit varchar(50) DEFAULT 'SECONDS',
-  retries integer DEFAULT 0, payload_version integer DEFAULT 1, last_run_at timestamp, next_run_at timestamp,
-  success_count integer DEFAULT 0, failure_count integer DEFAULT 0, execution_count integer DEFAULT 0, max_executions integer DEFAULT 0,
-  schedule_number integer DEFAULT 1, schedule_unit varchar(50) DEFAULT 'MINUTES', tags JSONB DEFAULT '[]',
-  created_at timestamp DEFAULT CURRENT_TIMESTAMP, updated_at timestamp DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE env_vars (id SERIAL PRIMARY KEY, event_id integer NOT NULL REFERENCES events(id), key varchar(255) NOT NULL,
-  value varchar(255) NOT NULL, created_at timestamp DEFAULT CURRENT_TIMESTAMP, updated_at timestamp DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE event_servers (id SERIAL PRIMARY KEY, event_id integer NOT NULL REFERENCES events(id) ON DELETE CASCADE,
-  server_id integer NOT NULL REFERENCES servers(id) ON DELETE CASCADE, created_at timestamp DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE runner_payloads (id SERIAL PRIMARY KEY, event_id integer NOT NULL REFERENCES events(id) ON DELETE CASCADE,
-  event_version integer NOT NULL, payload_path text NOT NULL, checksum_path text NOT NULL, payload_size integer NOT NULL,
-  checksum text NOT NULL, created_at timestamp DEFAULT CURRENT_TIMESTAMP, is_active boolean DEFAULT true);
-CREATE TABLE runner_deployments (id SERIAL PRIMARY KEY, server_id integer NOT NULL REFERENCES servers(id) ON DELETE CASCADE,
-  runner_version text NOT NULL, runner_path text NOT NULL, checksum text NOT NULL, deployed_at timestamp DEFAULT CURRENT_TIMESTAMP,
-  last_used timestamp, status varchar(50) DEFAULT 'active');
-CREATE TABLE jobs (id varchar(50) PRIMARY KEY, event_id integer REFERENCES events(id), user_id varchar(255) NOT NULL REFERENCES users(id),
-  type varchar(50) NOT NULL, status varchar(50) NOT NULL DEFAULT 'queued', priority integer DEFAULT 0, payload JSONB NOT NULL,
-  scheduled_for timestamp DEFAULT CURRENT_TIMESTAMP, orchestrator_id varchar(255), started_at timestamp, completed_at timestamp,
-  result JSONB, attempts integer DEFAULT 0, last_error text, metadata JSONB, created_at timestamp DEFAULT CURRENT_TIMESTAMP,
-  updated_at timestamp DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE executions (id varchar(100) PRIMARY KEY, job_id varchar(50) NOT NULL REFERENCES jobs(id), server_id integer,
-  server_name varchar(255), status varchar(50) NOT NULL DEFAULT 'queued', started_at timestamp, completed_at timestamp,
-  exit_code integer, output text, error text, metadata JSONB, setup_started_at timestamp, setup_completed_at timestamp,
-  execution_started_at timestamp, execution_completed_at timestamp, cleanup_started_at timestamp, cleanup_completed_at timestamp,
-  setup_duration integer, execution_duration integer, cleanup_duration integer, total_duration integer, execution_metadata JSONB,
-  created_at timestamp DEFAULT CURRENT_TIMESTAMP, updated_at timestamp DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE logs (id SERIAL PRIMARY KEY, event_id integer REFERENCES events(id), workflow_id integer, job_id varchar(50) REFERENCES jobs(id),
-  execution_id varchar(100) REFERENCES executions(id), status varchar(50) NOT NULL, output text, start_time timestamp NOT NULL,
-  end_time timestamp, duration integer, execution_duration integer, setup_duration integer, successful boolean, event_name varchar(255),
-  event_type varchar(50), retries integer DEFAULT 0, error text, user_id varchar(255), exit_code integer,
-  created_at timestamp DEFAULT CURRENT_TIMESTAMP, updated_at timestamp DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE user_variables (id SERIAL PRIMARY KEY, user_id varchar(255) NOT NULL REFERENCES users(id), key varchar(255) NOT NULL,
-  value text NOT NULL, description text, created_at timestamp DEFAULT CURRENT_TIMESTAMP, updated_at timestamp DEFAULT CURRENT_TIMESTAMP,
-  UNIQUE (user_id, key));
-"""
+PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+# Where db-init differs from Cronium on purpose (definition -> why). Nothing else may differ.
+ON_PURPOSE = {
+    "FOREIGN KEY (role_id) REFERENCES roles(id)":
+        "roles is Cronium's RBAC table; we never read it, so db-init does not make it, nor an FK to it",
+    "FOREIGN KEY (workflow_id) REFERENCES workflows(id)":
+        "workflows are run by Cronium itself; db-init does not make that table, nor an FK to it",
+}
 
 
-def _apply_ddl(db: Database) -> None:
-    ddl = CRONIUM_DDL
-    if db.dialect == "sqlite":
-        ddl = ddl.replace("SERIAL PRIMARY KEY", "INTEGER PRIMARY KEY AUTOINCREMENT").replace("JSONB", "JSON")
-    with db.engine.begin() as conn:
-        for stmt in filter(str.strip, ddl.split(";")):
-            conn.execute(text(stmt))
+def _sql(column: Column[object]) -> tuple[str, str | None]:
+    """(type, DEFAULT) of a model column as PostgreSQL would show them in information_schema."""
+    type_ = column.type.compile(dialect=PG).lower().replace("varchar", "character varying")
+    if column.primary_key and column.autoincrement is True:
+        return type_, f"nextval('{column.table.name}_{column.name}_seq'::regclass)"
+    default = column.server_default
+    if default is None:
+        return type_, None
+    assert isinstance(default, DefaultClause)
+    arg = default.arg
+    sql = arg if isinstance(arg, str) else str(arg.compile(dialect=PG))  # type: ignore[union-attr]
+    if sql.startswith("'"):  # PostgreSQL shows a literal default with a cast to the column's type
+        sql += "::" + ("character varying" if type_.startswith("character varying") else type_)
+    return type_, sql
+
+
+def model_drift(table: Table) -> list[str]:
+    """Every difference between one model table and Cronium's, naming the column."""
+    want = columns(table.name)
+    out = []
+    for column in table.columns:
+        theirs = want.get(column.name)
+        if theirs is None:
+            out.append(f"{table.name}.{column.name}: not a column of Cronium's")
+            continue
+        type_, default = _sql(column)
+        nullable = bool(column.nullable) and not column.primary_key
+        if type_ != theirs.type:
+            out.append(f"{table.name}.{column.name}: type {type_}, Cronium's is {theirs.type}")
+        if nullable != theirs.nullable:
+            out.append(f"{table.name}.{column.name}: {'NULL' if nullable else 'NOT NULL'}, Cronium's is "
+                       f"{'NULL' if theirs.nullable else 'NOT NULL'}")
+        if default != theirs.default:
+            out.append(f"{table.name}.{column.name}: DEFAULT {default}, Cronium's is DEFAULT {theirs.default}")
+    out += [f"{table.name}.{name}: missing from the model (Cronium has it)" for name in want if name not in table.columns]
+    return out
+
+
+def test_models_have_cronium_columns_exactly() -> None:
+    """Name, NULL/NOT NULL, server DEFAULT and type of every column of every table we map."""
+    drift = [line for table in Base.metadata.sorted_tables for line in model_drift(table)]
+    assert drift == [], "models differ from Cronium's schema:\n" + "\n".join(drift)
+
+
+def test_drift_is_reported_by_column() -> None:
+    """Removing a default from a model column is caught, and the message names the column."""
+    scheduled_for = Base.metadata.tables["jobs"].c.scheduled_for
+    saved = scheduled_for.server_default
+    scheduled_for.server_default = None
+    try:
+        drift = model_drift(Base.metadata.tables["jobs"])
+    finally:
+        scheduled_for.server_default = saved
+    assert drift == ["jobs.scheduled_for: DEFAULT None, Cronium's is DEFAULT CURRENT_TIMESTAMP"]
+
+
+def test_every_not_null_column_without_default_is_mapped() -> None:
+    """A column we leave to its default must have one; NOT NULL without a default we must fill."""
+    for table in Base.metadata.sorted_tables:
+        mapper = next(m for m in Base.registry.mappers if m.local_table is table)
+        mapped = {c.name for c in mapper.columns}
+        for name, column in columns(table.name).items():
+            if not column.nullable and column.default is None:
+                assert name in mapped, f"{table.name}.{name} is NOT NULL without a default: the model must map it"
+
+
+def test_shipped_schema_is_cronium_s(tmp_path: Path) -> None:
+    """tests/data/cronium_schema.json is the team's shared copy, unchanged."""
+    shared = Path(__file__).resolve().parents[3] / "shared" / "cronium" / "schema.json"
+    if not shared.exists():
+        pytest.skip(f"no shared copy at {shared} to compare with (outside a developer checkout)")
+    assert json.loads(shared.read_text()) == json.loads(SCHEMA_FILE.read_text())
 
 
 @pytest.fixture
-def cronium_db(empty_db_url: str) -> Iterator[Database]:
-    db = Database(empty_db_url)
-    _apply_ddl(db)
-    with db.engine.begin() as conn:
-        conn.execute(text("INSERT INTO users (id, email) VALUES ('user_abc', 'a@b.c')"))
-        conn.execute(text("INSERT INTO servers (user_id, name, address, username, port, ssh_key) "
-                          "VALUES ('user_abc', 'prod-1', '10.0.0.1', 'deploy', 2222, '-----BEGIN OPENSSH PRIVATE KEY-----')"))
-        conn.execute(text("INSERT INTO servers (user_id, name, address, is_archived) VALUES ('user_abc', 'gone', '10.0.0.2', true)"))
-        conn.execute(text("INSERT INTO events (user_id, name, type, content, status, run_location) "
-                          "VALUES ('user_abc', 'Backup', 'PYTHON', 'print(1)', 'ACTIVE', 'REMOTE')"))
-        conn.execute(text("INSERT INTO event_servers (event_id, server_id) VALUES (1, 1), (1, 2)"))
-        conn.execute(text("INSERT INTO env_vars (event_id, key, value) VALUES (1, 'REGION', 'eu')"))
-        conn.execute(text("INSERT INTO user_variables (user_id, key, value) VALUES ('user_abc', 'count', '3')"))
-    yield db
-    db.dispose()
+def pg_empty(postgres_url: str) -> Iterator[str]:
+    yield from _pg_schema_url(postgres_url)
+
+
+def _dsn(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def test_cronium_flavour_is_exactly_schema_json(postgres_url: str) -> None:
+    """The test flavour built from schema.json reads back as schema.json: every column, NULL,
+    DEFAULT and constraint (so tests on it test against Cronium's real schema)."""
+    for url in cronium_db_url(postgres_url):
+        tables = read_tables(_dsn(url))
+        for table in cronium_tables():
+            assert differences(table, tables[table]) == []
+
+
+def test_db_init_on_empty_postgresql_makes_cronium_tables(pg_empty: str) -> None:
+    db = Database(pg_empty)
+    try:
+        created = db.init()
+    finally:
+        db.dispose()
+    assert sorted(created) == sorted(t.name for t in Base.metadata.sorted_tables)
+    tables = read_tables(_dsn(pg_empty))
+    problems = [line for t in created for line in differences(t, tables[t], ignore_constraints=ON_PURPOSE)]
+    assert problems == [], "db-init differs from Cronium's migrations:\n" + "\n".join(problems)
+    assert all(c in constraints(t) for t in created for c in tables[t]["constraints"])
+
+
+@pytest.fixture
+def cronium_db(postgres_url: str) -> Iterator[Database]:
+    for url in cronium_db_url(postgres_url):
+        database = Database(url)
+        try:
+            yield database
+        finally:
+            database.dispose()
 
 
 def test_db_init_on_cronium_database_changes_nothing(cronium_db: Database) -> None:
+    before = read_tables(_dsn(cronium_db.url))
     assert cronium_db.init() == []
     cronium_db.check()
+    assert read_tables(_dsn(cronium_db.url)) == before
 
 
-def test_resolution_and_payloads_on_cronium_schema(cronium_db: Database, settings: Settings) -> None:
-    with cronium_db.session() as s:
-        r = resolve_event(s, 1)
-        assert user_variables(s, "user_abc") == {"count": 3}
-    assert [(x.name, x.address, x.port, x.username) for x in r.servers] == [("prod-1", "10.0.0.1", 2222, "deploy")]
-    assert [x.name for x in r.skipped] == ["gone"] and r.env == {"REGION": "eu"}
-    store = PayloadStore(cronium_db, settings.payload_dir, signing_key=settings.signing_key, public_key=settings.public_key)
-    built = store.build(1)
-    assert built.version == 1
-    loaded = store.load_verified(1)
-    assert loaded.content.sha256 == built.sha256 and not loaded.rebuilt
-    with cronium_db.engine.connect() as conn:
-        assert conn.execute(text("SELECT is_active, checksum FROM runner_payloads")).one() == (True, built.sha256)
+def test_older_database_without_columns_we_never_use_still_works(empty_db_url: str) -> None:
+    """A database whose events/servers/users lack Cronium's columns we do not use (an older
+    Cronium, an older db-init) is read and written unchanged."""
+    db = Database(empty_db_url)
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(text("CREATE TABLE users (id varchar(255) PRIMARY KEY, email varchar(255), username varchar(255), "
+                              "created_at timestamp NOT NULL, updated_at timestamp NOT NULL)"))
+        db.init()
+        ev = add_event(db, servers=[add_server(db, "old")])
+        with db.session() as s:
+            assert [x.name for x in resolve_event(s, ev).servers] == ["old"]
+    finally:
+        db.dispose()
