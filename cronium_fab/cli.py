@@ -1,10 +1,7 @@
 """The ``cronium-fab`` program: a Fabric program with its own namespace (no fabfile needed).
 
 Every task is a thin wrapper over the library; errors a user can act on are printed as one
-line (no traceback) with a distinct exit status:
-
-    0 success · 1 run FAILURE · 2 usage / configuration error · 3 run PARTIAL · 4 run TIMEOUT
-    5 run CANCELLED · 6 internal error (a bug: please report it)
+line (no traceback) with the exit status of their type (``errors.py`` lists them).
 
 With ``--json``, stdout always carries exactly one JSON document: the run's result, or
 ``{"status": "ERROR", "error": "...", "exit_code": N}`` when the run could not happen.
@@ -27,27 +24,16 @@ from invoke import Call, Collection, Exit, Task
 from invoke.exceptions import ParseError
 
 from . import __version__
-from .errors import CroniumFabError
+from .errors import EXIT_FAILURE, EXIT_INTERNAL, EXIT_USAGE, CroniumFabError
 from .settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_PARTIAL = 3
-EXIT_TIMEOUT = 4
-EXIT_CANCELLED = 5
-EXIT_INTERNAL = 6
-
 
 def user_errors(fn: F) -> F:
     """Turn CroniumFabError into a one-line message and its exit status (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .remote.errors import RemoteError
-
         try:
             result = fn(*args, **kwargs)
             if sys.stdout is not None:
@@ -55,8 +41,6 @@ def user_errors(fn: F) -> F:
             return result
         except CroniumFabError as exc:
             raise Exit(f"cronium-fab: error: {exc}", code=exc.exit_code) from None
-        except RemoteError as exc:
-            raise Exit(f"cronium-fab: error: {exc}", code=EXIT_FAILURE) from None
         except Exit:
             raise
         except BrokenPipeError as exc:
@@ -380,11 +364,27 @@ def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
 @user_errors
 def worker(c: Any, socket: str | None = None) -> None:
     """Keep cronium-fab loaded and serve this user's `cronium-fab` commands in forks (docs/WORKER.md)."""
-    from .worker import serve
+    from .wire import startup_fingerprint
+    from .worker import ServedProgram, serve
 
-    code = serve(socket)
+    program = ServedProgram(main=main, commands=frozenset(build_namespace().task_names), preload=WORKER_PRELOAD,
+                            import_check=("cronium_fab.cli", "cronium_fab.worker"))
+    code = serve(socket, program, fingerprint=startup_fingerprint())
     if code:
         raise Exit(code=code)
+
+
+# Everything a command may import, so that a worker's fork finds it loaded.
+WORKER_PRELOAD = (
+    "cronium_fab.execute",
+    "cronium_fab.payloads",
+    "cronium_fab.registry",
+    "cronium_fab.db.queries",
+    "cronium_fab.remote.known_hosts",
+    "sqlalchemy.dialects.sqlite",
+    "sqlalchemy.dialects.postgresql.psycopg",
+    "psycopg",
+)
 
 
 def build_namespace() -> Collection:

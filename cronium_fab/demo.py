@@ -63,7 +63,7 @@ def stop_worker_at(path: Path) -> int | None:
     import signal
     import socket
 
-    from .launch import peer_creds
+    from .wire import peer_creds
 
     if not path.exists():
         return None
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(hosts_dir)
     except CroniumFabError as exc:
         print(f"make demo: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 def _demo(hosts_dir: Path) -> int:

@@ -1,12 +1,25 @@
-"""Errors the user can act on. Each says what went wrong and what to do."""
+"""Errors the user can act on, and the exit statuses they end the program with (standard library
+only). Each error says what went wrong and what to do.
+
+    0 success · 1 run FAILURE · 2 usage / configuration error · 3 run PARTIAL · 4 run TIMEOUT
+    5 run CANCELLED · 6 internal error (a bug: please report it)
+"""
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_TIMEOUT = 4
+EXIT_CANCELLED = 5
+EXIT_INTERNAL = 6
 
 
 class CroniumFabError(Exception):
     """Base of every error cronium-fab reports to a user (CLI prints the message, no traceback)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(CroniumFabError):

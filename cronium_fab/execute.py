@@ -35,9 +35,8 @@ from .db.crypto import load_key
 from .db.engine import Database
 from .db.models import Server, utcnow
 from .db.queries import ResolvedEvent, resolve_event, server_credentials, user_variables
-from .errors import CroniumFabError
+from .errors import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, EXIT_TIMEOUT, CroniumFabError
 from .helper_api import ExecutionContext, HelperAPI, HelperState
-from .launch import catch_stop_signals, restore_signals
 from .payloads import PayloadStore
 from .records import Deployment, RunRecorder, execution_id_for, hand_run_payload
 from .remote.connection import HostTarget, SSHSettings, open_connection
@@ -46,6 +45,7 @@ from .remote.runner_cache import runner_file_name
 from .remote.session import HostRun, run_on_host
 from .remote.tunnel import RemoteForward
 from .settings import HELPER_MODES, Settings
+from .signals import catch_stop_signals, restore_signals
 from .signing import load_public_key, verify_file
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,6 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        from .cli import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, EXIT_TIMEOUT
-
         return {"SUCCESS": EXIT_OK, "FAILURE": EXIT_FAILURE, "PARTIAL": EXIT_PARTIAL,
                 "TIMEOUT": EXIT_TIMEOUT, "CANCELLED": EXIT_CANCELLED}[self.status]
 

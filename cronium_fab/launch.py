@@ -1,4 +1,5 @@
-"""The ``cronium-fab`` entry point: hand the command to a running worker, else run it here.
+"""The ``cronium-fab`` entry point, the worker's client: hand the command to a running worker,
+else run it here (standard library only until it imports ``cli``).
 
 Starting Python and importing SQLAlchemy, Fabric and Paramiko costs about half a second, which is
 most of a one-host run. A ``cronium-fab worker`` keeps those imports loaded; this module (standard
@@ -14,117 +15,26 @@ runs in this process, as before. See docs/WORKER.md.
 
 from __future__ import annotations
 
-import array
 import contextlib
-import json
 import os
 import signal
 import socket
-import struct
 import sys
-from typing import Any
 
-PROTOCOL = 1
-HEADER = struct.Struct("!I")
-MAX_REQUEST = 4 * 1024 * 1024
-READY_TIMEOUT = 2.0      # connect + a fork saying it is ready: milliseconds when the worker is alive
-REQUEST_TIMEOUT = 5.0    # the fork reading our request and answering
-
-
-def data_dir() -> str:
-    """cronium-fab's data directory (``CRONIUM_FAB_DATA_DIR``, else ``$XDG_DATA_HOME/cronium-fab``)."""
-    explicit = os.environ.get("CRONIUM_FAB_DATA_DIR")
-    if explicit:
-        return os.path.expanduser(explicit)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "cronium-fab")
-
-
-def socket_path() -> str:
-    """Where the worker listens: ``CRONIUM_FAB_WORKER_SOCKET``, else ``<data dir>/worker.sock``."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("CRONIUM_FAB_WORKER_SOCKET")
-                                              or os.path.join(data_dir(), "worker.sock")))
-
-
-def code_fingerprint() -> str:
-    """Identifies the code a process runs: the interpreter, the package's module files (by content)
-    and the installed libraries (the site-packages directories change whenever pip installs,
-    upgrades or removes anything there).
-
-    A worker started before an upgrade (or an edit of a checkout) must not serve the new command
-    line with the old code; the client then runs the command itself.
-    """
-    import hashlib
-
-    root = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256()
-    digest.update(f"{os.path.realpath(sys.executable)}\n{sys.version}\n".encode())
-    for entry in sys.path:
-        if os.path.basename(entry) in ("site-packages", "dist-packages"):
-            with contextlib.suppress(OSError):
-                digest.update(f"{entry}:{os.stat(entry).st_mtime_ns}\n".encode())
-    files = []
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False) and e.name != "__pycache__":
-                    stack.append(e.path)
-                elif e.name.endswith(".py") and not e.name.startswith(".") and e.is_file(follow_symlinks=False):
-                    files.append(e.path)   # (editors' lock files such as .#cli.py are dangling symlinks)
-    for path in sorted(files):
-        with open(path, "rb") as f:
-            digest.update(f"{os.path.relpath(path, root)}\n".encode() + f.read())
-    return digest.hexdigest()
-
-
-def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket (Linux SO_PEERCRED)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", creds)
-    return int(pid), int(uid), int(gid)
-
-
-def send_frame(sock: socket.socket, doc: dict[str, object], fds: list[int] | None = None) -> None:
-    body = json.dumps(doc).encode()
-    data = HEADER.pack(len(body)) + body
-    if fds:
-        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        data = data[sent:]
-    if data:
-        sock.sendall(data)
-
-
-def send_frame_line(sock: socket.socket, doc: dict[str, object]) -> None:
-    sock.sendall(json.dumps(doc).encode() + b"\n")
-
-
-def read_line(sock: socket.socket, buf: bytearray) -> dict[str, object]:
-    """The next JSON line from ``sock`` ({} at EOF); bytes after it stay in ``buf``."""
-    while b"\n" not in buf:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return {}
-        buf += chunk
-    line, _, rest = bytes(buf).partition(b"\n")
-    buf[:] = rest
-    doc = json.loads(line)
-    return doc if isinstance(doc, dict) else {}
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def catch_stop_signals(handler: Any) -> dict[signal.Signals, Any]:
-    """Install ``handler`` for SIGINT, SIGTERM and SIGHUP, except those our caller made us ignore
-    (`nohup`, `&` in a script): they stay ignored. Returns what to give back to ``restore_signals``."""
-    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
-
-
-def restore_signals(previous: dict[signal.Signals, Any]) -> None:
-    for sig, prev in previous.items():
-        signal.signal(sig, prev)
+from .errors import EXIT_INTERNAL
+from .paths import socket_path
+from .signals import STOP_SIGNALS, catch_stop_signals, die_of, restore_signals
+from .wire import (
+    PROTOCOL,
+    READY_TIMEOUT,
+    REQUEST_TIMEOUT,
+    code_fingerprint,
+    note_startup_fingerprint,
+    peer_creds,
+    read_line,
+    send_frame,
+    send_frame_line,
+)
 
 
 class _Signals:
@@ -160,14 +70,6 @@ class _Signals:
         restore_signals(self.previous)
         if self.received:
             die_of(self.received[-1])
-
-
-def die_of(signum: int) -> None:
-    """End this process by ``signum``, as if it had arrived with its default action."""
-    if signum == signal.SIGINT and signal.getsignal(signum) is signal.default_int_handler:
-        raise KeyboardInterrupt
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
 
 
 def _worker_session(signals: _Signals) -> tuple[socket.socket, bytearray] | None:
@@ -254,17 +156,13 @@ def _follow(sock: socket.socket, buf: bytearray, signals: _Signals) -> int:
         return 128 + signals.received[-1]
     print("cronium-fab: error: the worker's run process ended without an exit status "
           "(killed?); check the worker's log", file=sys.stderr)
-    return 6   # EXIT_INTERNAL
-
-
-STARTUP_FINGERPRINT: str | None = None
+    return EXIT_INTERNAL
 
 
 def main() -> None:
-    global STARTUP_FINGERPRINT
     if "worker" in sys.argv[1:]:   # `cronium-fab [flags] worker` itself always runs here
         # The code this process is about to import: what changes on disk from now on is "other code".
-        STARTUP_FINGERPRINT = code_fingerprint()
+        note_startup_fingerprint()
     else:
         signals = _Signals()
         session = _worker_session(signals)

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import launch
+from . import paths
 from .errors import ConfigError
 
 HOST_KEY_POLICIES = ("strict", "accept-new")
@@ -19,11 +19,11 @@ HELPER_MODES = ("auto", "api", "bundled")
 
 
 def default_data_dir() -> Path:
-    return Path(launch.data_dir())
+    return Path(paths.data_dir())
 
 
 def default_database_url() -> str:
-    return f"sqlite:///{default_data_dir() / 'cronium.db'}"
+    return paths.database_url()
 
 
 def _env_path(name: str, default: str | Path) -> Path:
@@ -71,7 +71,7 @@ class Settings:
 
     @property
     def known_hosts(self) -> Path:
-        return self.data_dir / "known_hosts"
+        return Path(paths.known_hosts_path(str(self.data_dir)))
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -2,7 +2,7 @@
 
 A command line pays about half a second for importing SQLAlchemy, Fabric and Paramiko before it
 does anything; for a one-host run that is most of the time. The worker imports everything once and
-listens on a Unix socket (``launch.socket_path()``, in the private data directory). For each
+listens on a Unix socket (``paths.socket_path()``, in the private data directory). For each
 connection from ``cronium-fab`` (see ``launch.py``) it checks that the client is our user and runs
 the same code, then forks: the child takes the client's stdin/stdout/stderr, argv, environment,
 working directory and umask, and runs the command exactly as the client would have, in its own
@@ -16,13 +16,11 @@ their clients). See docs/WORKER.md.
 
 from __future__ import annotations
 
-import array
 import atexit
 import contextlib
 import fcntl
 import importlib
 import io
-import json
 import os
 import select
 import signal
@@ -33,36 +31,49 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 import setproctitle
 
-from . import launch
-from .cli import EXIT_INTERNAL
-from .errors import ConfigError
-
-# Everything a command may import, so that a fork finds it loaded.
-PRELOAD = (
-    "cronium_fab.cli",
-    "cronium_fab.execute",
-    "cronium_fab.payloads",
-    "cronium_fab.registry",
-    "cronium_fab.db.queries",
-    "cronium_fab.remote.known_hosts",
-    "sqlalchemy.dialects.sqlite",
-    "sqlalchemy.dialects.postgresql.psycopg",
-    "psycopg",
+from .errors import EXIT_INTERNAL, ConfigError
+from .paths import socket_path
+from .signals import STOP_SIGNALS, catch_stop_signals, restore_signals
+from .wire import (
+    PROTOCOL,
+    REQUEST_TIMEOUT,
+    code_fingerprint,
+    peer_creds,
+    read_line,
+    receive_request,
+    send_frame_line,
 )
+
 CODE_CHECK_INTERVAL = 2.0   # seconds between looks at the code on disk (upgrade -> restart)
 
 
+@dataclass(frozen=True)
+class ServedProgram:
+    """What the worker serves, handed in by the program (the worker knows no command line):
+    ``main`` runs one command from ``sys.argv`` in a fork; ``commands`` are its command names (the
+    only word of argv the log shows); ``preload`` is imported once, before serving; new code on
+    disk is restarted into only when ``import_check`` imports cleanly."""
+
+    main: Callable[[], None]
+    commands: frozenset[str]
+    preload: tuple[str, ...] = ()
+    import_check: tuple[str, ...] = ()
+
+
 class Worker:
-    def __init__(self, path: str, log: IO[str] | None = None) -> None:
+    def __init__(self, path: str, program: ServedProgram, fingerprint: str, log: IO[str] | None = None) -> None:
         self.path = path
+        self.program = program
         self.log_file = log or sys.stderr
-        self.fingerprint = ""
+        # the code this process runs, taken before the imports by the entry point
+        self.fingerprint = fingerprint
         self.children: set[int] = set()
-        self.commands: frozenset[str] = frozenset()
+        self.commands = program.commands
         self.stopping = False
         self._lock_fd = -1
         self._listener: socket.socket | None = None
@@ -131,14 +142,8 @@ class Worker:
     # -- the loop -----------------------------------------------------------------------------
 
     def serve(self) -> int:
-        for name in PRELOAD:
+        for name in self.program.preload:
             importlib.import_module(name)
-        from .cli import build_namespace
-
-        self.commands = frozenset(build_namespace().task_names)
-        # Taken before the imports when started through the entry point: a file that changes while
-        # we import it must count as new code, never as ours.
-        self.fingerprint = launch.STARTUP_FINGERPRINT or launch.code_fingerprint()
         _ensure_std_fds()
         self.bind()
         assert self._listener is not None
@@ -146,8 +151,8 @@ class Worker:
         def stop(signum: int, _frame: Any) -> None:
             self.stopping = True
 
-        previous = launch.catch_stop_signals(stop)   # `nohup cronium-fab worker &` survives logout
-        if os.environ.get("CRONIUM_FAB_WORKER_SOCKET") or self.path != launch.socket_path():
+        previous = catch_stop_signals(stop)   # `nohup cronium-fab worker &` survives logout
+        if os.environ.get("CRONIUM_FAB_WORKER_SOCKET") or self.path != socket_path():
             how = f"CRONIUM_FAB_WORKER_SOCKET={self.path}"
         else:
             how = f"the same CRONIUM_FAB_DATA_DIR, or CRONIUM_FAB_WORKER_SOCKET={self.path}"
@@ -164,10 +169,10 @@ class Worker:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + CODE_CHECK_INTERVAL
                     try:
-                        on_disk: str | None = launch.code_fingerprint()
+                        on_disk: str | None = code_fingerprint()
                     except OSError:        # a file vanished mid-upgrade: still changing
                         on_disk = None
-                    verdict = watch.look(on_disk, _imports_cleanly)
+                    verdict = watch.look(on_disk, lambda: _imports_cleanly(self.program.import_check))
                     if verdict == "restart":
                         restart = True
                         break
@@ -183,7 +188,7 @@ class Worker:
                         continue
                     self._handle(conn)
         finally:
-            launch.restore_signals(previous)
+            restore_signals(previous)
             self.close()
             self._reap()
         if restart and not self.stopping:
@@ -214,7 +219,7 @@ class Worker:
         """Check who is calling, then fork at once: the child talks to the client, so a slow or
         stuck client never holds up the others."""
         try:
-            uid = launch.peer_creds(conn)[1]
+            uid = peer_creds(conn)[1]
             if uid != os.getuid():
                 self.log(f"refused a connection from uid {uid}")
                 return
@@ -236,29 +241,29 @@ class Worker:
         assert self._listener is not None
         self._listener.close()       # a worker restarted while we run must be able to listen and lock
         os.close(self._lock_fd)
-        conn.settimeout(launch.REQUEST_TIMEOUT)
+        conn.settimeout(REQUEST_TIMEOUT)
         try:
-            launch.send_frame_line(conn, {"protocol": launch.PROTOCOL, "ready": os.getpid()})
-            doc, fds = _receive_request(conn)
+            send_frame_line(conn, {"protocol": PROTOCOL, "ready": os.getpid()})
+            doc, fds = receive_request(conn)
         except (OSError, ValueError) as exc:
             self.log(f"no command from a client (it gave up waiting, or sent a bad request): {exc}")
             return 0
         try:
-            if doc.get("protocol") != launch.PROTOCOL or doc.get("fingerprint") != self.fingerprint:
+            if doc.get("protocol") != PROTOCOL or doc.get("fingerprint") != self.fingerprint:
                 self.log("refused a command: the client runs other code than this worker (upgraded? "
                          "the worker restarts itself once the new code is in place)")
-                launch.send_frame_line(conn, {"fallback": f"the worker at {self.path} runs other code than this "
+                send_frame_line(conn, {"fallback": f"the worker at {self.path} runs other code than this "
                                                           "command (after an upgrade it restarts itself within "
                                                           "seconds)"})
                 return 0
             argv = [str(a) for a in doc["argv"]]
             command = next((a for a in argv[1:] if a in self.commands), "-")   # never arguments: they may be secret
             try:
-                launch.send_frame_line(conn, {"pid": os.getpid()})
-                go = launch.read_line(conn, bytearray()).get("go") is True
+                send_frame_line(conn, {"pid": os.getpid()})
+                go = read_line(conn, bytearray()).get("go") is True
             except TimeoutError:    # the client stalled: tell it we never started, so it runs it itself
                 with contextlib.suppress(OSError):
-                    launch.send_frame_line(conn, {"notrun": True})
+                    send_frame_line(conn, {"notrun": True})
                 go = False
             except (OSError, ValueError):
                 go = False
@@ -266,7 +271,7 @@ class Worker:
                 self.log(f"run {os.getpid()}: {command}: the client gave up before the start; not run")
                 return 0
             self.log(f"run {os.getpid()}: {command}")
-            return _run_command(conn, fds, doc, argv, command)
+            return _run_command(conn, fds, doc, argv, command, self.program.main)
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -295,12 +300,12 @@ class CodeWatch:
         return "unusable"
 
 
-def _imports_cleanly() -> bool:
+def _imports_cleanly(modules: tuple[str, ...]) -> bool:
     """Whether new code on disk can start: restarting into a syntax error would end the worker."""
     import subprocess
 
     try:
-        return subprocess.run([sys.executable, "-c", "import cronium_fab.cli, cronium_fab.worker"],
+        return subprocess.run([sys.executable, "-c", "import " + ", ".join(modules or ("cronium_fab.worker",))],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               timeout=120).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -319,46 +324,8 @@ def _ensure_std_fds() -> None:
                 os.close(null)
 
 
-def _recv_exact(conn: socket.socket, n: int, what: str) -> bytes:
-    data = b""
-    while len(data) < n:
-        more = conn.recv(n - len(data))
-        if not more:
-            raise ValueError(f"connection closed in the {what}")
-        data += more
-    return data
-
-
-def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """The client's request: a JSON object and its stdin, stdout, stderr and working directory."""
-    size = launch.HEADER.size
-    data, anc, _flags, _addr = conn.recvmsg(size, socket.CMSG_SPACE(4 * array.array("i").itemsize))
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-            fds.extend(arr)
-    try:
-        data += _recv_exact(conn, size - len(data), "request header")
-        (length,) = launch.HEADER.unpack(data)
-        if length > launch.MAX_REQUEST:
-            raise ValueError(f"request of {length} bytes is too large")
-        body = _recv_exact(conn, length, "request")
-        try:
-            doc = json.loads(body)
-        except RecursionError:
-            raise ValueError("request nested too deeply") from None
-        if len(fds) != 4 or not isinstance(doc, dict):
-            raise ValueError("a request carries a JSON object and exactly 4 file descriptors")
-        return doc, fds
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-
-
-def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv: list[str], command: str) -> int:
+def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv: list[str], command: str,
+                 main: Callable[[], None]) -> int:
     """Become the client's command: its stdio, directory, umask, environment and argv; run it;
     report how it ended."""
     # In ps and pgrep -f: the command (never its arguments, which may carry input data).
@@ -368,7 +335,7 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     for signum in doc.get("ignored_signals") or []:     # what the caller ignores, we ignore
-        if signum in launch.STOP_SIGNALS:
+        if signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
@@ -387,8 +354,6 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
     code: int = EXIT_INTERNAL
     died_of: int | None = None
     try:
-        from .cli import main
-
         main()
         code = 0
     except SystemExit as exc:
@@ -412,7 +377,7 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
     with contextlib.suppress(OSError):
-        launch.send_frame_line(conn, {"signal": died_of} if died_of else {"exit": code})
+        send_frame_line(conn, {"signal": died_of} if died_of else {"exit": code})
     return code
 
 
@@ -442,10 +407,10 @@ def _reopen_stdio() -> None:
 def _watch_client(conn: socket.socket, finished: threading.Event) -> None:
     """Signals the client forwards become ours; the client gone before the end is SIGTERM."""
     buf = bytearray()
-    allowed = {int(sig) for sig in launch.STOP_SIGNALS}
+    allowed = {int(sig) for sig in STOP_SIGNALS}
     while True:
         try:
-            doc = launch.read_line(conn, buf)
+            doc = read_line(conn, buf)
         except (OSError, ValueError):
             doc = {}
         if not doc:
@@ -457,8 +422,9 @@ def _watch_client(conn: socket.socket, finished: threading.Event) -> None:
             os.kill(os.getpid(), sig)
 
 
-def serve(path: str | None = None) -> int:
-    worker = Worker(os.path.abspath(os.path.expanduser(path)) if path else launch.socket_path())
+def serve(path: str | None, program: ServedProgram, *, fingerprint: str) -> int:
+    """Serve ``program`` on the socket ``path`` (default ``paths.socket_path()``) until stopped."""
+    worker = Worker(os.path.abspath(os.path.expanduser(path)) if path else socket_path(), program, fingerprint)
     try:
         return worker.serve()
     finally:

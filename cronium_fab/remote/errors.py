@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from ..errors import EXIT_FAILURE, CroniumFabError
 
-class RemoteError(Exception):
-    """Base of every failure of the SSH side: ``kind`` is a stable tag, ``str(e)`` says what to do."""
+
+class RemoteError(CroniumFabError):
+    """Base of every failure of the SSH side: ``kind`` is a stable tag, ``str(e)`` says what to do.
+    Raised out of a command (``known-hosts-add``), it ends it with exit status 1, as a failed run."""
 
     kind: str = "remote"
+    exit_code = EXIT_FAILURE
 
     def __init__(self, kind: str, message: str, *, host: str | None = None) -> None:
         super().__init__(message)

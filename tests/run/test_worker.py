@@ -178,15 +178,15 @@ def test_worker_after_an_upgrade_refuses_then_restarts_itself(fleet: Fleet, work
 
 
 def test_fingerprint_ignores_a_touch(tmp_path: Path) -> None:
-    from cronium_fab import launch
+    from cronium_fab import wire
 
-    first = launch.code_fingerprint()
-    assert launch.code_fingerprint() == first
+    first = wire.code_fingerprint()
+    assert wire.code_fingerprint() == first
     edited = ROOT / "cronium_fab" / "__init__.py"
     st = edited.stat()
     os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))   # touched, same content
     try:
-        assert launch.code_fingerprint() == first, "a touch (or a checkout of the same content) is the same code"
+        assert wire.code_fingerprint() == first, "a touch (or a checkout of the same content) is the same code"
     finally:
         os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
 
@@ -197,14 +197,19 @@ def test_worker_and_client_refuse_other_users(fleet: Fleet, worker: RunningWorke
     # Open the socket to everyone, as a careless admin might: the uid checks on both ends must still hold.
     worker.socket.parent.chmod(0o755)
     worker.socket.chmod(0o666)
-    # The client module is standard library only: another user runs a copy of it with the system python3.
+    # The client and its floor are standard library only: another user runs a copy of them with
+    # the system python3.
     shared = Path(tempfile.mkdtemp(prefix="cfwc", dir="/tmp"))
     try:
-        shutil.copy(ROOT / "cronium_fab" / "launch.py", shared / "launch.py")
+        (shared / "cronium_fab").mkdir()
+        for name in ("__init__", "launch", "errors", "paths", "signals", "wire"):
+            shutil.copy(ROOT / "cronium_fab" / f"{name}.py", shared / "cronium_fab" / f"{name}.py")
+            (shared / "cronium_fab" / f"{name}.py").chmod(0o644)
         shared.chmod(0o755)
-        (shared / "launch.py").chmod(0o644)
+        (shared / "cronium_fab").chmod(0o755)
         nobody = 65534
-        probe = "import launch; print('session:', launch._worker_session(launch._Signals()))"
+        probe = ("from cronium_fab import launch; "
+                 "print('session:', launch._worker_session(launch._Signals()))")
         out = subprocess.run([shutil.which("python3", path="/usr/bin:/bin") or "python3", "-c", probe],
                              env={"CRONIUM_FAB_WORKER_SOCKET": str(worker.socket), "HOME": "/tmp", "PATH": "/usr/bin:/bin"},
                              capture_output=True, text=True, timeout=60, user=nobody, group=nobody, cwd=shared)
