@@ -276,7 +276,7 @@ def run_event(
     )
     result = execute_run_event(settings, request, out=None if quiet else sys.stderr)
     if quiet:
-        from .execute import summary_table
+        from .results import summary_table
 
         print(summary_table(result), file=sys.stderr)
     if json:
@@ -300,23 +300,19 @@ run_event.all_hosts = True
 @user_errors
 def known_hosts_add(c: Any, host: str, yes: bool = False, replace: bool = False) -> None:
     """Show a server's host key fingerprint and record it in cronium-fab's known_hosts."""
-    from .remote.connection import SSHSettings, fetch_host_key
-    from .remote.known_hosts import KnownHostsStore, fingerprint, host_entry_name
+    from .remote.connection import SSHSettings, offered_host_key, save_host_key
 
     settings = _settings()
     name, port = _host_and_port(settings, host)
-    key = fetch_host_key(name, port, timeout=settings.connect_timeout)
-    entry = host_entry_name(name, port)
-    store = KnownHostsStore(settings.known_hosts)
-    known = SSHSettings(known_hosts_path=settings.known_hosts).store().lookup(entry)
-    print(f"{entry}: {key.get_name()} {fingerprint(key)}", file=sys.stderr)
-    if known.get(key.get_name()) == key:
+    ssh = SSHSettings(known_hosts_path=settings.known_hosts, connect_timeout=settings.connect_timeout)
+    offer = offered_host_key(name, port, ssh)
+    print(f"{offer.name}: {offer.key_type} {offer.fingerprint}", file=sys.stderr)
+    if offer.already_known:
         print("already recorded", file=sys.stderr)
         return
-    if known and not replace:
-        old = ", ".join(f"{t} {fingerprint(k)}" for t, k in known.items())
-        raise Exit(f"cronium-fab: error: {entry} has a DIFFERENT key recorded ({old}); if the server was "
-                   "reinstalled and you checked the new fingerprint, pass --replace", code=EXIT_USAGE)
+    if offer.known and not replace:
+        raise Exit(f"cronium-fab: error: {offer.name} has a DIFFERENT key recorded ({offer.known_fingerprints()}); if "
+                   "the server was reinstalled and you checked the new fingerprint, pass --replace", code=EXIT_USAGE)
     if not yes:
         if not sys.stdin.isatty():
             raise Exit("cronium-fab: error: stdin is not a terminal: check the fingerprint above and pass --yes",
@@ -324,39 +320,29 @@ def known_hosts_add(c: Any, host: str, yes: bool = False, replace: bool = False)
         if input("record this key? [y/N] ").strip().lower() not in ("y", "yes"):
             raise Exit("not recorded", code=EXIT_FAILURE)
     settings.known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if known:
-        store.replace(entry, key)
-    else:
-        store.add(entry, key)
+    save_host_key(offer, ssh, replace=True)
     print(f"recorded in {settings.known_hosts}", file=sys.stderr)
 
 
 def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
     """A server's name/address from the database, or ``[user@]host[:port]`` / ``[host]:port``."""
-    value = value.rpartition("@")[2].strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port_s = rest.lstrip(":")
-    else:
-        host, _, port_s = value.partition(":")
-    if port_s and not port_s.isdigit():
-        raise Exit(f"cronium-fab: error: {value!r}: the port must be a number", code=EXIT_USAGE)
-    if not port_s:
+    from .remote.connection import parse_destination
+
+    _user, host, port = parse_destination(value)
+    if port is None:
         from .db.engine import Database
-        from .db.models import Server
+        from .db.queries import find_server
 
         db = Database(settings.database_url)
         try:
             if db.sqlite_path is None or db.sqlite_path.exists():
-                from sqlalchemy import or_, select
-
                 with db.session() as s:
-                    row = s.scalars(select(Server).where(or_(Server.name == host, Server.address == host))).first()
+                    row = find_server(s, host)
                     if row is not None:
                         return row.address, row.port or 22
         finally:
             db.dispose()
-    return host, int(port_s or 22)
+    return host, port or 22
 
 
 @task(name="worker", auto_shortflags=False, help={"socket": "listen here (default: <data dir>/worker.sock, "

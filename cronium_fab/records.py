@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
@@ -24,10 +24,20 @@ from .db.engine import Database
 from .db.models import Event, Execution, Job, Log, RunnerDeployment, UserVariable, utcnow
 from .db.queries import ResolvedEvent, encode_variable
 from .errors import CroniumFabError
+from .results import HostResult, HostStatus, RunResult, RunStatus
 
-# run status (logs.status) -> jobs.status, as Cronium does
-JOB_STATUS = {"SUCCESS": "completed", "PARTIAL": "completed", "FAILURE": "failed", "TIMEOUT": "failed", "CANCELLED": "cancelled"}
-LOG_STATUS = {"CANCELLED": "FAILURE"}  # logs.status has no CANCELLED in Cronium
+ExecStatus = Literal["queued", "running", "completed", "failed", "timeout", "cancelled"]
+JobStatus = Literal["queued", "claimed", "running", "completed", "failed", "cancelled"]
+LogStatus = Literal["PENDING", "RUNNING", "SUCCESS", "FAILURE", "TIMEOUT", "PARTIAL"]
+
+# host state -> executions.status
+EXEC_STATUS: dict[HostStatus, ExecStatus] = {
+    "success": "completed", "failure": "failed", "timeout": "timeout", "unreachable": "failed", "cancelled": "cancelled"}
+# run status -> jobs.status and logs.status, as Cronium maps them (logs.status has no CANCELLED)
+JOB_STATUS: dict[RunStatus, JobStatus] = {
+    "SUCCESS": "completed", "PARTIAL": "completed", "FAILURE": "failed", "TIMEOUT": "failed", "CANCELLED": "cancelled"}
+LOG_STATUS: dict[RunStatus, LogStatus] = {
+    "SUCCESS": "SUCCESS", "PARTIAL": "PARTIAL", "FAILURE": "FAILURE", "TIMEOUT": "TIMEOUT", "CANCELLED": "FAILURE"}
 
 
 class JobNotFound(CroniumFabError):
@@ -253,24 +263,28 @@ class RunRecorder:
                       .values(status="running", started_at=now, setup_started_at=now, updated_at=now))
 
     # -- per host --------------------------------------------------------------------------
-    def host_finished(self, execution_id: str, *, status: str, exit_code: int | None, output: str,
-                      error: str | None, phases: dict[str, datetime | None], metadata: dict[str, Any],
-                      user_id: str, variables: dict[str, Any], write_variables: bool,
-                      deployment: Deployment | None = None) -> None:
+    def host_finished(self, res: HostResult, *, phases: dict[str, datetime | None], user_id: str,
+                      write_variables: bool, deployment: Deployment | None = None) -> None:
         """Terminal state of one host, the variables it set (bundled mode: written now) and which
         runner it used, in one transaction."""
         now = utcnow()
+        metadata: dict[str, Any] = {
+            "runner_cached": res.runner_cached, "helper_mode": res.helper_mode,
+            "helper_mode_note": res.helper_mode_note, "output": res.output, "condition": res.condition,
+            "variables": res.variables, "signal": res.signal, "error_kind": res.error_kind,
+        }
+        variables = res.variables
         with self._lock, self.db.session() as s:
             if deployment is not None:
                 self._record_deployment(s, deployment, now)
-            row = s.get(Execution, execution_id, with_for_update=True)
+            row = s.get(Execution, res.execution_id, with_for_update=True)
             if row is None:
                 return
             live = dict(row.execution_metadata or {})
-            row.status = status
-            row.exit_code = exit_code
-            row.output = clean_text(output)
-            row.error = clean_text(error)
+            row.status = EXEC_STATUS[res.status]
+            row.exit_code = res.exit_code
+            row.output = clean_text(res.stdout + (("\n--- stderr ---\n" + res.stderr) if res.stderr else ""))
+            row.error = clean_text(res.error)
             row.completed_at = now
             for name, value in phases.items():
                 setattr(row, name, value)
@@ -316,11 +330,20 @@ class RunRecorder:
                 row.error = clean_text(error)
                 row.completed_at = utcnow()
 
-    def finish(self, ctx: JobContext, *, event_id: int, status: str, output: str, duration_ms: int,
-               setup_ms: int | None, execution_ms: int | None, exit_code: int | None, error: str | None,
-               result: dict[str, Any], open_executions: Sequence[str] = ()) -> None:
+    def finish(self, ctx: JobContext, result: RunResult) -> None:
+        """The run's end: ``logs`` (status, output of every host), ``jobs`` (status, result),
+        the event's counters; a host row a bug left open is closed as failed."""
         now = utcnow()
-        output, error, result = clean_text(output) or "", clean_text(error), clean_json(result)
+        hosts = result.hosts
+        failures = [r for r in hosts if r.status != "success"]
+        status = result.status
+        output = clean_text(log_output(hosts)) or ""
+        error = clean_text("; ".join(f"{r.name}: {r.error or r.status}" for r in failures) or None)
+        open_executions = [r.execution_id for r in hosts]
+        duration_ms, setup_ms = result.duration_ms, None
+        execution_ms = max((r.duration_ms for r in hosts), default=0)
+        exit_code = run_exit_code(hosts)
+        job_result = clean_json(job_result_of(result))
         with self._lock, self.db.session() as s:
             for eid in open_executions:  # a host row a bug left open must not stay "running"
                 row = s.get(Execution, eid)
@@ -328,7 +351,7 @@ class RunRecorder:
                     row.status, row.error, row.completed_at = "failed", "not recorded (internal error)", now
             log = s.get(Log, ctx.log_id)
             if log is not None:
-                log.status = LOG_STATUS.get(status, status)
+                log.status = LOG_STATUS[status]
                 log.output = output
                 log.end_time = now
                 log.duration = duration_ms
@@ -342,10 +365,10 @@ class RunRecorder:
             if job is not None:
                 job.status = JOB_STATUS[status]
                 job.completed_at = now
-                job.result = result
+                job.result = job_result
                 job.last_error = error
                 job.updated_at = now
-            event = s.get(Event, event_id, with_for_update=True)
+            event = s.get(Event, result.event_id, with_for_update=True)
             if event is not None:
                 event.last_run_at = now
                 event.execution_count = (event.execution_count or 0) + 1
@@ -375,3 +398,37 @@ class RunRecorder:
                 job.status = "cancelled"
                 job.last_error = clean_text(reason)
                 job.completed_at = now
+
+
+def run_exit_code(results: list[HostResult]) -> int:
+    """``logs.exit_code``: 0 when every host succeeded, else the first failing host's own code."""
+    codes = [r.exit_code for r in results if r.status != "success"]
+    if not codes:
+        return 0
+    return next((c for c in codes if c), 1)
+
+
+def log_output(results: list[HostResult]) -> str:
+    """``logs.output``: every host's output under a header line with its state."""
+    parts = []
+    for r in results:
+        parts.append(f"=== {r.name} ({r.host}): {r.status}" + (f" exit {r.exit_code}" if r.exit_code is not None else "")
+                     + (f" [helpers: {r.helper_mode}]" if r.helper_mode else ""))
+        if r.helper_mode_note:
+            parts.append(f"--- {r.helper_mode_note}")
+        if r.stdout:
+            parts.append(r.stdout.rstrip("\n"))
+        if r.stderr:
+            parts.append("--- stderr ---\n" + r.stderr.rstrip("\n"))
+        if r.error:
+            parts.append(f"--- error: {r.error}")
+    return "\n".join(parts)
+
+
+def job_result_of(result: RunResult) -> dict[str, Any]:
+    """``jobs.result``: the run's JSON document without the hosts' output (that is in executions/logs)."""
+    d = result.to_dict()
+    for h in d["hosts"]:
+        h.pop("stdout", None)
+        h.pop("stderr", None)
+    return d

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from ..errors import EventNotFound, EventNotRunnable, NoServers
@@ -123,6 +123,15 @@ def event_servers(session: Session, event: Event) -> tuple[list[Server], list[Sk
         else:
             usable.append(server)
     return usable, skipped
+
+
+def find_server(session: Session, value: str, *, user_id: str | None = None) -> Server | None:
+    """The server a user means by ``value``: its name or its address, never an archived one, the
+    user's own when ``user_id`` is given (the oldest first when several match)."""
+    query = select(Server).where(Server.is_archived.is_(False), or_(Server.name == value, Server.address == value))
+    if user_id is not None:
+        query = query.where(Server.user_id == user_id)
+    return session.scalars(query.order_by(Server.id)).first()
 
 
 def event_env(session: Session, event_id: int, key: bytes | None) -> dict[str, str]:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import fabric
 import paramiko
 
+from ..errors import ConfigError
 from .errors import AuthRefused, HostKeyChanged, HostKeyUnknown, HostUnreachable, KeyInvalid, RemoteError
 from .known_hosts import KnownHostsStore, fingerprint, host_entry_name
 
@@ -36,6 +37,22 @@ HostKeyPolicy = Literal["strict", "accept-new"]
 def default_known_hosts_path() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return Path(base) / "cronium-fab" / "known_hosts"
+
+
+def parse_destination(value: str) -> tuple[str | None, str, int | None]:
+    """``[user@]host[:port]`` or ``[user@][host]:port`` (IPv6) -> (user, host, port); a bare IPv6
+    address has no port. A port that is not a number is refused (ConfigError)."""
+    user, _, rest = value.strip().rpartition("@")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port_s = tail.removeprefix(":")
+    elif rest.count(":") == 1:
+        host, _, port_s = rest.partition(":")
+    else:
+        host, port_s = rest, ""
+    if port_s and not port_s.isdigit():
+        raise ConfigError(f"{value!r}: the port must be a number")
+    return user or None, host, int(port_s) if port_s else None
 
 
 @dataclass(frozen=True)
@@ -329,6 +346,64 @@ def fetch_host_key(host: str, port: int = 22, timeout: float = 10.0) -> paramiko
         transport.close()
 
 
+@dataclass(frozen=True)
+class HostKeyOffer:
+    """The key a server offers, beside what our known_hosts holds for it (not recorded yet)."""
+
+    host: str
+    port: int
+    name: str  # the known_hosts name: host or [host]:port
+    key: paramiko.PKey = field(repr=False)
+    known: dict[str, paramiko.PKey] = field(repr=False)
+
+    @property
+    def key_type(self) -> str:
+        return self.key.get_name()
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.key)
+
+    @property
+    def already_known(self) -> bool:
+        return self.known.get(self.key_type) == self.key
+
+    def known_fingerprints(self) -> str:
+        return ", ".join(f"{t} {fingerprint(k)}" for t, k in self.known.items())
+
+
+def offered_host_key(host: str, port: int = 22, settings: SSHSettings | None = None) -> HostKeyOffer:
+    """Fetch the server's host key (key exchange only) and look up what we know of it."""
+    settings = settings or SSHSettings()
+    name = host_entry_name(host, port)
+    key = fetch_host_key(host, port, settings.connect_timeout)
+    return HostKeyOffer(host, port, name, key, settings.store().lookup(name))
+
+
+def save_host_key(offer: HostKeyOffer, settings: SSHSettings | None = None, *, replace: bool = False) -> HostKeyRecord:
+    """Record an offered key in our known_hosts file. A different key already recorded raises
+    ``HostKeyChanged`` unless ``replace`` is true."""
+    settings = settings or SSHSettings()
+    store = settings.store()
+    record = HostKeyRecord(offer.host, offer.port, offer.name, offer.key_type, offer.fingerprint,
+                           already_known=offer.already_known, replaced=bool(offer.known) and not offer.already_known)
+    if offer.already_known:
+        return record
+    if offer.known and not replace:
+        raise HostKeyChanged(
+            _changed_message(offer.host, offer.name, offer.known_fingerprints(), f"{offer.key_type} {offer.fingerprint}",
+                             store),
+            host=offer.host,
+            expected_fingerprint=next(fingerprint(k) for k in offer.known.values()),
+            actual_fingerprint=offer.fingerprint,
+        )
+    if offer.known:
+        store.replace(offer.name, offer.key)
+    else:
+        store.add(offer.name, offer.key)
+    return record
+
+
 def record_host_key(
     host: str, port: int = 22, settings: SSHSettings | None = None, *, replace: bool = False
 ) -> HostKeyRecord:
@@ -337,24 +412,4 @@ def record_host_key(
     A different key already recorded raises ``HostKeyChanged`` unless ``replace`` is true.
     The returned record carries the SHA256 fingerprint to show the user.
     """
-    settings = settings or SSHSettings()
-    store = settings.store()
-    name = host_entry_name(host, port)
-    key = fetch_host_key(host, port, settings.connect_timeout)
-    fp = fingerprint(key)
-    known = store.lookup(name)
-    if known.get(key.get_name()) == key:
-        return HostKeyRecord(host, port, name, key.get_name(), fp, already_known=True, replaced=False)
-    if known and not replace:
-        old = ", ".join(f"{t} {fingerprint(k)}" for t, k in known.items())
-        raise HostKeyChanged(
-            _changed_message(host, name, old, f"{key.get_name()} {fp}", store),
-            host=host,
-            expected_fingerprint=next(fingerprint(k) for k in known.values()),
-            actual_fingerprint=fp,
-        )
-    if known:
-        store.replace(name, key)
-    else:
-        store.add(name, key)
-    return HostKeyRecord(host, port, name, key.get_name(), fp, already_known=False, replaced=bool(known))
+    return save_host_key(offered_host_key(host, port, settings), settings, replace=replace)

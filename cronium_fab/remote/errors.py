@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from ..errors import EXIT_FAILURE, CroniumFabError
+
+# Why a host failed, as the controller tells it (``HostResult.error_kind``; a runner that delivered
+# its result may report kinds of its own, e.g. ``timeout`` or ``internal``).
+ErrorKind = Literal[
+    "connection-refused", "timeout", "dns", "network", "handshake",        # HostUnreachable
+    "auth-refused", "key-invalid", "host-key-unknown", "host-key-changed",
+    "python-missing", "python-too-old", "runner-install-failed",            # the runner's bootstrap
+    "setup-timeout", "watchdog-timeout", "disconnected", "cancelled",       # a run that ended early
+    "forwarding-refused", "forwarding-failed", "forwarding-conflict",       # API mode's tunnel
+    "internal", "remote",
+]
+# a peer we must never wait on again (frozen, gone, or stuck in set-up)
+DEAD_PEER: frozenset[ErrorKind] = frozenset({"watchdog-timeout", "disconnected", "setup-timeout"})
+# the runner never started, so no runner is deployed there
+NO_RUNNER: frozenset[ErrorKind] = frozenset({"python-missing", "python-too-old"})
 
 
 class RemoteError(CroniumFabError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -193,8 +194,16 @@ def test_frozen_host_in_api_mode_ends_as_timeout_not_a_hang(fleet: Fleet, ssh_ho
     ev = fleet.event([host], "echo started; sleep 100", timeout_value=2)
     frozen: list[int] = []
 
+    started = threading.Event()
+
+    class Watch(io.StringIO):  # the live output: freeze once the script runs (not during set-up)
+        def write(self, text: str) -> int:
+            if "started" in text:
+                started.set()
+            return len(text)
+
     def freeze() -> None:  # SIGSTOP the host's SSH session processes: the peer neither answers nor dies
-        time.sleep(1.0)
+        started.wait(60)
         sshd = subprocess.run(["pgrep", "-f", f"sshd -f {host.config_path}"], capture_output=True, text=True).stdout.split()
         for parent in sshd:
             for pid in subprocess.run(["pgrep", "-P", parent], capture_output=True, text=True).stdout.split():
@@ -203,7 +212,8 @@ def test_frozen_host_in_api_mode_ends_as_timeout_not_a_hang(fleet: Fleet, ssh_ho
 
     t = threading.Thread(target=freeze)
     t.start()
-    result = run_event(fleet.settings.with_(watchdog_margin=2.0), RunRequest(event_id=ev, helper_mode="api"), out=None)
+    result = run_event(fleet.settings.with_(watchdog_margin=2.0), RunRequest(event_id=ev, helper_mode="api"),
+                       out=Watch())
     t.join()
     assert frozen, "no session process was frozen"
     h = result.hosts[0]
