@@ -36,10 +36,10 @@ dist/cronium-runner.pyz.sig: keys/cosign.key $(shell find runner -type f -not -p
 	$(BIN)/inv build sign
 
 demo: venv sshd dist/cronium-runner.pyz.sig
-	$(BIN)/python -m cronium_fab.demo
+	$(BIN)/python -m cronium_fab.testing.demo
 
 demo-stop: venv
-	$(BIN)/python -m cronium_fab.demo --stop
+	$(BIN)/python -m cronium_fab.testing.demo --stop
 
 test: venv sshd
 	$(BIN)/python -m pytest -q

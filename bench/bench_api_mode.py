@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cronium_fab.db.engine import Database  # noqa: E402
-from cronium_fab.devhosts import DevHostPool  # noqa: E402
 from cronium_fab.helper_api import ExecutionContext, HelperAPI  # noqa: E402
 from cronium_fab.records import set_variable  # noqa: E402
 from cronium_fab.remote.connection import HostTarget, SSHSettings, open_connection  # noqa: E402
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name  # noqa: E402
 from cronium_fab.remote.tunnel import RemoteForward  # noqa: E402
+from cronium_fab.testing.hosts import DevHostPool  # noqa: E402
 from tests.factories import add_user  # noqa: E402
 
 SCRIPT = r'''

@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 from cronium_fab.build import build_runner  # noqa: E402
 from cronium_fab.db.engine import Database  # noqa: E402
-from cronium_fab.devhosts import DevHost, DevHostPool  # noqa: E402
 from cronium_fab.execute import RunRequest, run_event  # noqa: E402
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name  # noqa: E402
 from cronium_fab.settings import Settings  # noqa: E402
 from cronium_fab.signing import generate_keypair, load_private_key, sign_file  # noqa: E402
+from cronium_fab.testing.hosts import DevHost, DevHostPool  # noqa: E402
 from tests.factories import add_event, add_server  # noqa: E402
 
 

@@ -30,9 +30,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cronium_fab.devhosts import start_hosts  # noqa: E402
 from cronium_fab.remote import HostTarget, SSHSettings, open_connection  # noqa: E402
 from cronium_fab.remote.tunnel import RemoteForward  # noqa: E402
+from cronium_fab.testing.hosts import start_hosts  # noqa: E402
 
 CLIENT = r"""
 import http.client, json, socket, sys, threading, time

@@ -1,7 +1,7 @@
 """SSH fixtures (import from tests/conftest.py: ``pytest_plugins = ["tests.conftest_ssh"]``).
 
 ``ssh_hosts(n, exclusive=False, **opts)`` returns ``n`` running ``DevHost``s; ``opts`` are those of
-``cronium_fab.devhosts.DevHostPool.add_hosts`` (``python3=""`` for a host without python3,
+``cronium_fab.testing.hosts.DevHostPool.add_hosts`` (``python3=""`` for a host without python3,
 ``key_type="rsa"``, ``allow_tcp_forwarding=False``, ``password=True``...). Shared hosts live for
 the session; ``exclusive=True`` hosts come from ``ssh_pool``, this test's own pool, which the test
 may use to ``kill``/``restart``/``regenerate_host_key`` them, and which is stopped afterwards.
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from cronium_fab.devhosts import DevHost, DevHostPool
+from cronium_fab.testing.hosts import DevHost, DevHostPool
 from tests.sshd import SharedHosts, require_sshd
 
 SSHHostsFactory = Callable[..., list[DevHost]]

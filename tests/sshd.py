@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cronium_fab.devhosts import DevHost, DevHostError, DevHostPool, find_sshd
+from cronium_fab.testing.hosts import DevHost, DevHostError, DevHostPool, find_sshd
 
 
 def require_sshd() -> None:

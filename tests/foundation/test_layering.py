@@ -115,3 +115,10 @@ def _stdlib() -> set[str]:
     import sys
 
     return set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_product_never_imports_the_testing_wing() -> None:
+    g = graph()
+    wrong = {m: sorted(d) for m in g if not m.startswith("cronium_fab.testing")
+             for d in [{x for x in g[m] if x.startswith("cronium_fab.testing")}] if d}
+    assert wrong == {}, f"product modules import cronium_fab.testing: {wrong}"

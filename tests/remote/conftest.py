@@ -8,8 +8,8 @@ import paramiko
 import pytest
 
 from cronium_fab.build import RunnerArtifact
-from cronium_fab.devhosts import DevHost
 from cronium_fab.remote import HostTarget, SSHSettings, fingerprint, open_connection
+from cronium_fab.testing.hosts import DevHost
 from tests.remote.fake_runner import build_fake_runner
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from cronium_fab.devhosts import DevHost, DevHostPool, generate_keypair
 from cronium_fab.remote import (
     AuthRefused,
     HostKeyChanged,
@@ -22,6 +21,7 @@ from cronium_fab.remote import (
     open_connection,
     record_host_key,
 )
+from cronium_fab.testing.hosts import DevHost, DevHostPool, generate_keypair
 from tests.remote.conftest import host_target
 
 pytestmark = pytest.mark.ssh

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from cronium_fab import devhosts
-from cronium_fab.devhosts import DevHostError, load_state, running, start_hosts, stop_from_state
+from cronium_fab.testing import hosts as devhosts
+from cronium_fab.testing.hosts import DevHostError, load_state, running, start_hosts, stop_from_state
 from tests.sshd import require_sshd
 
 pytestmark = pytest.mark.ssh

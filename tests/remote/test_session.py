@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cronium_fab.build import RunnerArtifact
-from cronium_fab.devhosts import DevHost
 from cronium_fab.remote.runner_cache import install_command, runner_file_name
 from cronium_fab.remote.session import HostRun, run_on_host
+from cronium_fab.testing.hosts import DevHost
 from tests.remote.fake_runner import build_fake_runner
 
 pytestmark = pytest.mark.ssh

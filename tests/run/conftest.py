@@ -17,10 +17,10 @@ from sqlalchemy import select
 from cronium_fab.build import build_runner
 from cronium_fab.db.engine import Database
 from cronium_fab.db.models import Execution, Job, Log
-from cronium_fab.devhosts import DevHost
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
 from cronium_fab.settings import Settings
 from cronium_fab.signing import load_private_key, sign_file
+from cronium_fab.testing.hosts import DevHost
 from tests.factories import add_event, add_server
 from tests.procs import procs_with, wait_until
 

@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import text
 
 from cronium_fab.db.engine import Database
-from cronium_fab.devhosts import DevHost
 from cronium_fab.settings import Settings
+from cronium_fab.testing.hosts import DevHost
 from tests.conftest import cronium_db_url
 from tests.cronium_schema import columns
 from tests.run.conftest import Fleet, trust

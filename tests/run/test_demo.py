@@ -1,4 +1,4 @@
-"""`make demo` (python -m cronium_fab.demo): a real 3-host run that stays inside its .demo/ directory."""
+"""`make demo` (python -m cronium_fab.testing.demo): a real 3-host run that stays inside its .demo/ directory."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_demo_runs_keeps_to_its_own_database_and_leaves_a_usable_environment(
                CRONIUM_FAB_PUBLIC_KEY=str(pub), CRONIUM_FAB_RUNNER=str(signed_runner))
     env.pop("CRONIUM_FAB_DATA_DIR", None)
     try:
-        out = subprocess.run([sys.executable, "-m", "cronium_fab.demo"], env=env, cwd=tmp_path, capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "cronium_fab.testing.demo"], env=env, cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         assert "the demo ignores your CRONIUM_DATABASE_URL" in out.stderr
@@ -52,7 +52,7 @@ def test_demo_runs_keeps_to_its_own_database_and_leaves_a_usable_environment(
         assert served.returncode == 0 and "demo-helpers" in served.stdout, served.stderr
         assert ": run " in _read(tmp_path / ".demo" / "worker.log")
     finally:
-        stop = subprocess.run([sys.executable, "-m", "cronium_fab.demo", "--stop"], env=env, cwd=tmp_path,
+        stop = subprocess.run([sys.executable, "-m", "cronium_fab.testing.demo", "--stop"], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0, stop.stderr
     assert "stopped 3 demo host(s)" in stop.stdout

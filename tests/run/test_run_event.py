@@ -73,7 +73,7 @@ def test_one_host_down_gives_partial(fleet: Fleet, ssh_hosts, ssh_pool) -> None:
 
 
 def test_auth_refused(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
-    from cronium_fab.devhosts import generate_keypair
+    from cronium_fab.testing.hosts import generate_keypair
 
     (host,) = ssh_hosts(1)
     wrong_key, _ = generate_keypair()

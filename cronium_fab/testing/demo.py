@@ -18,15 +18,15 @@ from pathlib import Path
 import paramiko
 import yaml
 
-from .db.engine import Database
-from .db.queries import user_variables
-from .devhosts import start_hosts, stop_from_state
-from .errors import CroniumFabError
-from .execute import RunRequest, run_event
-from .fsutil import atomic_write
-from .registry import load_inventory
-from .remote.known_hosts import KnownHostsStore, host_entry_name
-from .settings import Settings
+from ..db.engine import Database
+from ..db.queries import user_variables
+from ..errors import CroniumFabError
+from ..execute import RunRequest, run_event
+from ..fsutil import atomic_write
+from ..registry import load_inventory
+from ..remote.known_hosts import KnownHostsStore, host_entry_name
+from ..settings import Settings
+from .hosts import start_hosts, stop_from_state
 
 DEMO_DIR = Path(".demo")
 DATA_DIR = DEMO_DIR / "data"
@@ -63,7 +63,7 @@ def stop_worker_at(path: Path) -> int | None:
     import signal
     import socket
 
-    from .wire import peer_creds
+    from ..wire import peer_creds
 
     if not path.exists():
         return None
