@@ -1,4 +1,4 @@
-"""The helper API of API mode (CRONIUM.md §4), served by the run itself on 127.0.0.1.
+"""The helper API of API mode (docs/CRONIUM.md §4), served by the run itself on 127.0.0.1.
 
 A script's helpers (``cronium.getVariable`` ...) and Cronium's own SDKs reach this server through a
 per-host SSH remote forward. Each execution gets an HS256 JWT scoped to it; the server answers exactly
@@ -500,7 +500,7 @@ class HelperAPI:
 
     # -- tokens ---------------------------------------------------------------------------------
     def issue_token(self, ctx: ExecutionContext, *, jti: str | None = None, lifetime_s: float | None = None) -> str:
-        """An HS256 JWT with Cronium's claims (CRONIUM.md §4), plus serverId and a registration id."""
+        """An HS256 JWT with Cronium's claims (docs/CRONIUM.md §4), plus serverId and a registration id."""
         now = int(time.time())
         claims: dict[str, Any] = {
             "jobId": ctx.job_id,

@@ -1,4 +1,4 @@
-"""Cronium's at-rest encryption of credentials and env var values (CRONIUM.md §5).
+"""Cronium's at-rest encryption of credentials and env var values (docs/CRONIUM.md §5).
 
 AES-256-GCM, key = ``ENCRYPTION_KEY`` (64 hex chars), 16-byte IV, AAD ``cronium-server-encryption``,
 stored as base64(IV || ciphertext || tag). Cronium treats anything that does not decrypt as legacy

@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the Cronium tables we read and write (CRONIUM.md §1).
+"""SQLAlchemy models of the Cronium tables we read and write (docs/CRONIUM.md §1).
 
 The tables are Cronium's, exactly as its own migrations make them (``tests/data/cronium_schema.json``,
 read from a database made by them): every column with its type, NULL/NOT NULL and DEFAULT, and its

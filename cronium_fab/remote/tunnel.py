@@ -4,7 +4,7 @@ Used by API mode: a script on the target talks HTTP to ``127.0.0.1:<remote_port>
 and each such TCP connection arrives here as a ``forwarded-tcpip`` channel that we relay to
 ``local_host:local_port`` (the helper API of this process).
 
-Why not ``Connection.forward_remote`` (FIELD_NOTES.md, "Remote forwarding"):
+Why not ``Connection.forward_remote`` (docs/FIELD_NOTES.md, "Remote forwarding"):
 
 - it discards the port the server allocates for port 0; we always ask for port 0 and keep the
   allocated port (``RemoteForward.remote_port``), so concurrent runs on one host never collide;

@@ -1,4 +1,4 @@
-"""Every endpoint of CRONIUM.md §4 with a valid token: bodies, responses, what reaches the database."""
+"""Every endpoint of docs/CRONIUM.md §4 with a valid token: bodies, responses, what reaches the database."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cronium's at-rest encryption (CRONIUM.md §5): interop with Node's crypto, the plaintext fallback."""
+"""Cronium's at-rest encryption (docs/CRONIUM.md §5): interop with Node's crypto, the plaintext fallback."""
 
 from __future__ import annotations
 
