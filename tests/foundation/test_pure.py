@@ -1,0 +1,162 @@
+"""Unit tests of the pure parts of a run: aggregation, the summary table, live output, output
+capping, the helper API's routes and rate limiter, destinations, row shaping."""
+
+from __future__ import annotations
+
+import io
+import time
+from http import HTTPStatus
+
+import pytest
+
+from cronium_fab.errors import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, EXIT_TIMEOUT, ConfigError
+from cronium_fab.helper_api import ApiError, TokenBucket, match_route
+from cronium_fab.output import CappedBuffer, LivePrinter
+from cronium_fab.records import log_output, run_exit_code
+from cronium_fab.remote.connection import parse_destination
+from cronium_fab.results import HOST_STATES, RUN_STATES, HostResult, RunResult, aggregate_status, summary_table
+
+
+def host(name: str, status: str, exit_code: int | None = None, **kw: object) -> HostResult:
+    return HostResult(server_id=None, name=name, host=f"{name}.test", execution_id=f"e-{name}",
+                      status=status, exit_code=exit_code, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("states", "cancelled", "want"), [
+    (["success", "success"], False, "SUCCESS"),
+    (["success", "failure"], False, "PARTIAL"),
+    (["success", "timeout"], False, "PARTIAL"),
+    (["timeout", "failure", "unreachable"], False, "TIMEOUT"),
+    (["failure", "unreachable"], False, "FAILURE"),
+    ([], False, "FAILURE"),
+    (["success", "cancelled"], True, "CANCELLED"),
+])
+def test_aggregate_status(states: list[str], cancelled: bool, want: str) -> None:
+    assert aggregate_status(states, cancelled) == want  # type: ignore[arg-type]
+
+
+def test_states_and_exit_codes() -> None:
+    assert HOST_STATES == ("success", "failure", "timeout", "unreachable", "cancelled")
+    codes = {s: RunResult(s, 1, "e", "j", 1, [], [], 0, 1).exit_code for s in RUN_STATES}
+    assert codes == {"SUCCESS": EXIT_OK, "FAILURE": EXIT_FAILURE, "PARTIAL": EXIT_PARTIAL,
+                     "TIMEOUT": EXIT_TIMEOUT, "CANCELLED": EXIT_CANCELLED}
+
+
+def test_summary_table_lists_hosts_errors_and_skipped() -> None:
+    hosts = [host("web1", "success", 0, runner_cached=True, helper_mode="api", duration_ms=1234),
+             host("db-server", "unreachable", error="connection refused", error_kind="connection-refused"),
+             host("web2", "success", 0, runner_cached=False, helper_mode="bundled",
+                  helper_mode_note="fell back to bundled mode: forwarding refused")]
+    result = RunResult("PARTIAL", 7, "ev", "job_x", 3, hosts, [{"server_id": 9, "name": "old", "reason": "archived"}],
+                       2500, 1)
+    lines = summary_table(result).splitlines()
+    assert lines[0] == ""
+    assert lines[1].split() == ["HOST", "STATUS", "EXIT", "DURATION", "RUNNER", "HELPERS"]
+    assert lines[2].split() == ["web1", "success", "0", "1.23s", "cached", "api"]
+    assert lines[3].split() == ["db-server", "unreachable", "-", "0.00s", "-", "-"]
+    assert lines[4].split() == ["web2", "success", "0", "0.00s", "installed", "bundled*"]
+    assert lines[2].index("success") == lines[3].index("unreachable")   # columns line up
+    assert "  db-server: connection refused" in lines
+    assert "  web2: * fell back to bundled mode: forwarding refused" in lines
+    assert "  skipped old: archived" in lines
+    assert lines[-1] == "PARTIAL: 2/3 hosts succeeded in 2.50s (job job_x, log 3)"
+
+
+def test_live_printer_whole_lines_prefixed_and_never_mixed() -> None:
+    out = io.StringIO()
+    p = LivePrinter(out, ["a", "long-name"])
+    p.feed("a", "stdout", b"one\ntw")
+    p.feed("long-name", "stderr", b"err\n")
+    p.feed("a", "stdout", b"o\n\xff\n")
+    p.feed("a", "stdout", b"no newline")
+    p.flush("a")
+    assert out.getvalue().splitlines() == [
+        "a         | one", "long-name ! err", "a         | two", "a         | \ufffd", "a         | no newline"]
+
+
+def test_live_printer_cuts_a_huge_line_and_is_silent_without_output() -> None:
+    out = io.StringIO()
+    LivePrinter(out, ["h"]).feed("h", "stdout", b"x" * 70000)
+    assert out.getvalue() == "h | " + "x" * 70000 + "\n"
+    silent = LivePrinter(None, ["h"])
+    silent.feed("h", "stdout", b"a\n")
+    silent.message("hello")   # nothing to write to, nothing raised
+
+
+def test_capped_buffer_keeps_the_tail_and_says_what_it_dropped() -> None:
+    buf = CappedBuffer(10)
+    for chunk in (b"0123456789", b"abc", b"de"):
+        buf.add(chunk)
+    assert bytes(buf.data) == b"56789abcde" and buf.dropped == 5
+    assert buf.text() == "[... 5 bytes truncated ...]\n56789abcde"
+    small = CappedBuffer(10)
+    small.add(b"ok")
+    assert small.text() == "ok"
+
+
+@pytest.mark.parametrize(("path", "name", "methods", "captures"), [
+    ("/health", "health", ("GET",), {}),
+    ("/executions/e1/input", "executions/input", ("GET",), {"id": "e1"}),
+    ("/executions/e1/variables/a%2Fb?x=1", "executions/variables", ("GET", "PUT"), {"id": "e1", "key": "a/b"}),
+    ("http://127.0.0.1:9/executions/e%20x/context", "executions/context", ("GET",), {"id": "e x"}),
+])
+def test_match_route(path: str, name: str, methods: tuple[str, ...], captures: dict[str, str]) -> None:
+    assert match_route(path) == (name, methods, captures)
+
+
+@pytest.mark.parametrize("path", ["/tool-actions/execute", "/executions//input", "/executions/e1/../x/input",
+                                  "executions/e1/input", "/executions/e1/input/extra", "/"])
+def test_match_route_refuses_everything_else(path: str) -> None:
+    with pytest.raises(ApiError) as err:
+        match_route(path)
+    assert err.value.status == HTTPStatus.NOT_FOUND
+
+
+def test_match_route_refuses_bad_utf8() -> None:
+    with pytest.raises(ApiError) as err:
+        match_route("/executions/%ff/input")
+    assert err.value.status == HTTPStatus.BAD_REQUEST
+
+
+def test_token_bucket_bursts_then_paces() -> None:
+    bucket = TokenBucket(rate=10.0, burst=3.0)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = bucket.take()
+    assert 0.0 < wait <= 0.1
+    bucket._at -= 1.0   # one second later (no sleeping in tests): the bucket refilled, up to its burst
+    assert [bucket.take() == 0.0 for _ in range(4)] == [True, True, True, False]
+
+
+def test_token_bucket_is_monotonic_clock_based() -> None:
+    bucket = TokenBucket(rate=1000.0, burst=1.0)
+    bucket.take()
+    time.sleep(0.01)
+    assert bucket.take() == 0.0
+
+
+@pytest.mark.parametrize(("value", "want"), [
+    ("web1", (None, "web1", None)),
+    ("deploy@web1", ("deploy", "web1", None)),
+    ("deploy@10.0.0.5:2222", ("deploy", "10.0.0.5", 2222)),
+    ("[::1]:2200", (None, "::1", 2200)),
+    ("u@[fe80::1]", ("u", "fe80::1", None)),
+    ("::1", (None, "::1", None)),
+])
+def test_parse_destination(value: str, want: tuple[str | None, str, int | None]) -> None:
+    assert parse_destination(value) == want
+
+
+def test_parse_destination_refuses_a_port_that_is_not_a_number() -> None:
+    with pytest.raises(ConfigError, match="the port must be a number"):
+        parse_destination("web1:ssh")
+
+
+def test_row_shaping_exit_code_and_log_output() -> None:
+    hosts = [host("a", "success", 0, stdout="hi\n"), host("b", "failure", 7, stderr="boom\n", error="exit 7"),
+             host("c", "unreachable", error="refused")]
+    assert run_exit_code(hosts) == 7
+    assert run_exit_code([host("a", "success", 0)]) == 0
+    assert run_exit_code([host("c", "unreachable")]) == 1
+    assert log_output(hosts).splitlines() == [
+        "=== a (a.test): success exit 0", "hi", "=== b (b.test): failure exit 7", "--- stderr ---", "boom",
+        "--- error: exit 7", "=== c (c.test): unreachable", "--- error: refused"]
