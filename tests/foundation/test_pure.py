@@ -14,7 +14,14 @@ from cronium_fab.helper_api import ApiError, TokenBucket, match_route
 from cronium_fab.output import CappedBuffer, LivePrinter
 from cronium_fab.records import log_output, run_exit_code
 from cronium_fab.remote.connection import parse_destination
-from cronium_fab.results import HOST_STATES, RUN_STATES, HostResult, RunResult, aggregate_status, summary_table
+from cronium_fab.results import (
+    HOST_STATES,
+    RUN_STATES,
+    HostResult,
+    RunResult,
+    aggregate_status,
+    summary_table,
+)
 
 
 def host(name: str, status: str, exit_code: int | None = None, **kw: object) -> HostResult:
