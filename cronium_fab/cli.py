@@ -160,17 +160,24 @@ def db_init(c: Any) -> None:
     )
 
 
-@task(name="load", help={"file": "YAML inventory of servers, events, env vars and variables"})
+@task(name="load", help={"file": "YAML inventory of servers, events, env vars and variables",
+                          "json": "print what was loaded as one JSON document on stdout"})
 @user_errors
-def load(c: Any, file: str) -> None:
+def load(c: Any, file: str, json: bool = False) -> None:  # noqa: A002 - the CLI flag is --json
     """Register servers, events, links, env vars and variables from a YAML file (upsert by name)."""
+    import json as jsonlib
+
     from .registry import load_inventory
 
     settings = _settings()
     db = _database(settings, check=False)
     db.init()
     report = load_inventory(db, Path(file))
-    print(json.dumps({"servers": report.servers, "events": report.events, "variables": report.variables}))
+    if json:
+        print(jsonlib.dumps({"servers": report.servers, "events": report.events, "variables": report.variables,
+                             "created": report.created, "updated": report.updated, "unchanged": report.unchanged}))
+        return
+    print(report.summary())
 
 
 @task(name="payload-build", help={"event": "event id"})
@@ -292,36 +299,81 @@ run_event.all_hosts = True
     name="known-hosts-add",
     auto_shortflags=False,
     help={
-        "host": "a server name or address from the database, or [user@]host[:port], or [host]:port",
+        "host": "the hosts (also as plain arguments: `known-hosts-add a b c`): server names or addresses from "
+                "the database, [user@]host[:port] or [host]:port; comma-separated",
+        "event": "every server of this event (its event_servers, else events.server_id)",
         "yes": "record without asking (needed when stdin is not a terminal)",
-        "replace": "replace a different key recorded for this host (after checking the new fingerprint!)",
+        "replace": "replace a different key recorded for a host (after checking the new fingerprint!)",
     },
 )
 @user_errors
-def known_hosts_add(c: Any, host: str, yes: bool = False, replace: bool = False) -> None:
-    """Show a server's host key fingerprint and record it in cronium-fab's known_hosts."""
-    from .remote.connection import SSHSettings, offered_host_key, save_host_key
+def known_hosts_add(c: Any, host: str | None = None, event: str | None = None, yes: bool = False,
+                    replace: bool = False) -> None:
+    """Show servers' host key fingerprints and record them in cronium-fab's known_hosts."""
+    from .remote.connection import HostKeyOffer, SSHSettings, offered_host_key, save_host_key
+    from .remote.errors import RemoteError
 
     settings = _settings()
-    name, port = _host_and_port(settings, host)
+    wanted = [(v.strip(), *_host_and_port(settings, v.strip())) for v in (host or "").split(",") if v.strip()]
+    if event is not None:
+        wanted += _event_hosts(settings, _positive_int("--event", event))
+    if not wanted:
+        raise Exit("cronium-fab: error: name the hosts (`known-hosts-add web1 web2`) or an event (`--event N`)",
+                   code=EXIT_USAGE)
     ssh = SSHSettings(known_hosts_path=settings.known_hosts, connect_timeout=settings.connect_timeout)
-    offer = offered_host_key(name, port, ssh)
-    print(f"{offer.name}: {offer.key_type} {offer.fingerprint}", file=sys.stderr)
-    if offer.already_known:
-        print("already recorded", file=sys.stderr)
-        return
-    if offer.known and not replace:
-        raise Exit(f"cronium-fab: error: {offer.name} has a DIFFERENT key recorded ({offer.known_fingerprints()}); if "
-                   "the server was reinstalled and you checked the new fingerprint, pass --replace", code=EXIT_USAGE)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise Exit("cronium-fab: error: stdin is not a terminal: check the fingerprint above and pass --yes",
-                       code=EXIT_USAGE)
-        if input("record this key? [y/N] ").strip().lower() not in ("y", "yes"):
-            raise Exit("not recorded", code=EXIT_FAILURE)
-    settings.known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    save_host_key(offer, ssh, replace=True)
-    print(f"recorded in {settings.known_hosts}", file=sys.stderr)
+    offers: list[HostKeyOffer] = []
+    unreachable: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    for label, name, port in wanted:
+        if (name, port) in seen:
+            continue
+        seen.add((name, port))
+        try:
+            offer = offered_host_key(name, port, ssh)
+        except RemoteError as exc:
+            print(f"{label}: cannot fetch its host key: {exc}", file=sys.stderr)
+            unreachable.append(label)
+            continue
+        offers.append(offer)
+        state = " (already recorded)" if offer.already_known else (
+            f" (a DIFFERENT key is recorded: {offer.known_fingerprints()})" if offer.known else "")
+        print(f"{offer.name}: {offer.key_type} {offer.fingerprint}{state}", file=sys.stderr)
+    changed = [o for o in offers if o.known and not o.already_known]
+    if changed and not replace:
+        raise Exit(f"cronium-fab: error: {', '.join(o.name for o in changed)}: a DIFFERENT key is recorded; if the "
+                   "server was reinstalled and you checked the new fingerprint, pass --replace (nothing recorded)",
+                   code=EXIT_USAGE)
+    new = [o for o in offers if not o.already_known]
+    if not new:
+        if offers:
+            print("already recorded", file=sys.stderr)
+    else:
+        if not yes:
+            if not sys.stdin.isatty():
+                raise Exit("cronium-fab: error: stdin is not a terminal: check the fingerprints above and pass --yes",
+                           code=EXIT_USAGE)
+            what = "this key" if len(new) == 1 else f"these {len(new)} keys"
+            if input(f"record {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+                raise Exit("not recorded", code=EXIT_FAILURE)
+        settings.known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for offer in new:
+            save_host_key(offer, ssh, replace=True)
+        print(f"recorded {len(new)} key(s) in {settings.known_hosts}", file=sys.stderr)
+    if unreachable:
+        raise Exit(f"cronium-fab: error: no host key from {', '.join(unreachable)} (see above)", code=EXIT_FAILURE)
+
+
+def _event_hosts(settings: Settings, event_id: int) -> list[tuple[str, str, int]]:
+    """(name, address, port) of every server an event runs on."""
+    from .db.queries import event_servers, get_event
+
+    db = _database(settings)
+    try:
+        with db.session() as s:
+            servers, _skipped = event_servers(s, get_event(s, event_id))
+            return [(x.name, x.address, x.port or 22) for x in servers]
+    finally:
+        db.dispose()
 
 
 def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
@@ -434,5 +486,30 @@ def program() -> Fab:
     )
 
 
+def normalize_argv(argv: list[str], commands: set[str]) -> list[str]:
+    """``CMD --help`` -> ``--help CMD`` (Invoke would take ``--help`` as the value of CMD's first
+    positional argument); ``known-hosts-add a b c`` -> ``known-hosts-add --host a,b,c``."""
+    words = argv[1:]
+    end = words.index("--") if "--" in words else len(words)
+    command = next((i for i, w in enumerate(words[:end]) if w in commands), None)
+    if command is None:
+        return argv
+    if any(w in ("--help", "-h") for w in words[command + 1:end]):
+        return [argv[0], *words[:command], "--help", words[command]]
+    if words[command] == "known-hosts-add":
+        hosts, rest, skip = [], [], False
+        for w in words[command + 1:end]:
+            if skip or w.startswith("-"):
+                rest.append(w)
+                skip = w in ("--event", "--host")
+            else:
+                hosts.append(w)
+        if hosts:
+            return [argv[0], *words[:command + 1], "--host", ",".join(hosts), *rest, *words[end:]]
+    return argv
+
+
 def main() -> None:
-    program().run()
+    prog = program()
+    sys.argv = normalize_argv(sys.argv, set(prog.namespace.task_names))
+    prog.run()

@@ -27,6 +27,7 @@ variables (``password_env``, ``from_env``) so the YAML file needs no secret at a
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +35,9 @@ from typing import Any
 
 import yaml
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
-from .db.crypto import encrypt, load_key
+from .db.crypto import decrypt, encrypt, load_key
 from .db.engine import Database
 from .db.models import EnvVar, Event, EventServer, Server, User, UserVariable, utcnow
 from .db.queries import REFUSED_TYPES, SCRIPT_TYPES, TIMEOUT_UNITS, encode_variable
@@ -47,6 +49,20 @@ class LoadReport:
     servers: dict[str, int] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)
     variables: list[str] = field(default_factory=list)
+    # "server web1", "event disk-report", "variable greeting", by what loading did to them
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def note(self, what: str, before: Any, after: Any) -> None:
+        """File ``what`` under created (``before`` is None), updated or unchanged."""
+        (self.created if before is None else self.unchanged if before == after else self.updated).append(what)
+
+    def summary(self) -> str:
+        """A few lines for a human: what was created, updated, left unchanged."""
+        lines = [f"{label} {len(items)}: {', '.join(items)}" for label, items in
+                 (("created", self.created), ("updated", self.updated), ("unchanged", self.unchanged)) if items]
+        return "\n".join(lines) or "nothing to load (no servers, events or variables in the file)"
 
 
 TOP_KEYS = {"user", "servers", "events", "variables"}
@@ -57,9 +73,12 @@ EVENT_KEYS = {"name", "type", "script", "content", "description", "timeout", "se
 def _check_keys(mapping: Any, allowed: set[str], where: str) -> None:
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: expected a mapping")
-    unknown = sorted(set(mapping) - allowed)
+    unknown = sorted(set(mapping) - allowed, key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(allowed))}")
+        hints = [f"{k!r}: did you mean {m[0]!r}?" for k in unknown
+                 for m in [difflib.get_close_matches(str(k), sorted(allowed), n=1)] if m]
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}"
+                          + (f" ({'; '.join(hints)})" if hints else "") + f"; allowed: {', '.join(sorted(allowed))}")
 
 
 def _require(mapping: dict[str, Any], key: str, where: str) -> Any:
@@ -123,6 +142,8 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
                     raise ConfigError(f"{where}: cannot read ssh_key_file: {exc.strerror}") from None
             password = _from_env(spec["password_env"], where) if spec.get("password_env") else spec.get("password")
             server = s.scalars(select(Server).where(Server.user_id == user_id, Server.name == name)).first()
+            before = None if server is None else _server_state(server, key)
+            stored_secrets = (None, None) if server is None else (server.ssh_key, server.password)
             if server is None:
                 server = Server(user_id=user_id, name=name, created_at=utcnow())
                 s.add(server)
@@ -135,6 +156,10 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
             server.updated_at = utcnow()
             s.flush()
             report.servers[name] = server.id
+            after = (server.address, server.port, server.username, ssh_key, password, server.is_archived)
+            if before == after:   # secrets re-encrypt to new bytes: keep the stored ones
+                server.ssh_key, server.password = stored_secrets
+            report.note(f"server {name}", before, after)
         for i, spec in enumerate(doc.get("events") or []):
             where = f"{path}: events[{i}]"
             _check_keys(spec, EVENT_KEYS, where)
@@ -146,6 +171,7 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
             if not (spec.get("script") or spec.get("content")):
                 raise ConfigError(f"{where}: 'script' is required (the script to run)")
             event = s.scalars(select(Event).where(Event.user_id == user_id, Event.name == name)).first()
+            before_event = None if event is None else _event_state(s, event, key)
             if event is None:
                 event = Event(user_id=user_id, name=name, created_at=utcnow(), payload_version=1)
                 s.add(event)
@@ -170,8 +196,11 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
                 value = _from_env(v["from_env"], where) if isinstance(v, dict) else str(v)
                 s.add(EnvVar(event_id=event.id, key=str(k), value=_secret(value, key)))
             report.events[name] = event.id
+            s.flush()
+            report.note(f"event {name}", before_event, _event_state(s, event, key))
         for k, v in (doc.get("variables") or {}).items():
             row = s.scalars(select(UserVariable).where(UserVariable.user_id == user_id, UserVariable.key == k)).first()
+            report.note(f"variable {k}", None if row is None else row.value, encode_variable(v))
             if row is None:
                 s.add(UserVariable(user_id=user_id, key=str(k), value=encode_variable(v)))
             else:
@@ -179,3 +208,19 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
                 row.updated_at = utcnow()
             report.variables.append(str(k))
     return report
+
+
+def _server_state(server: Server, key: bytes | None) -> tuple[Any, ...]:
+    """What `load` may change on a server, secrets decrypted (compared, never shown)."""
+    what = f"server {server.name!r}"
+    return (server.address, server.port, server.username, decrypt(server.ssh_key, key, what=what),
+            decrypt(server.password, key, what=what), server.is_archived)
+
+
+def _event_state(s: Session, event: Event, key: bytes | None) -> tuple[Any, ...]:
+    """What `load` may change on an event: its script and settings, servers and env (decrypted)."""
+    servers = sorted(s.scalars(select(EventServer.server_id).where(EventServer.event_id == event.id)))
+    env = sorted((e.key, decrypt(e.value, key, what=f"env var {e.key!r}"))
+                 for e in s.scalars(select(EnvVar).where(EnvVar.event_id == event.id)))
+    return (event.type, event.content, event.description, event.status, event.run_location, event.timeout_value,
+            event.timeout_unit, servers, env)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import yaml
@@ -116,7 +118,12 @@ def test_load_command(db: Database, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "cronium_fab", "load", str(path)], env=env, capture_output=True,
                          text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert '"a":' in out.stdout
+    assert out.stdout == "created 1: server a\n"      # a human summary, not raw JSON
+    again = subprocess.run([sys.executable, "-m", "cronium_fab", "load", str(path), "--json"], env=env,
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    doc = json.loads(again.stdout)
+    assert doc["servers"] == {"a": ANY} and doc["unchanged"] == ["server a"] and doc["created"] == []
     out = subprocess.run([sys.executable, "-m", "cronium_fab", "load", str(tmp_path / "missing.yaml")], env=env,
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "cannot read" in out.stderr and "Traceback" not in out.stderr
