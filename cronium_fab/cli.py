@@ -280,6 +280,7 @@ def run_event(
         input=input_data,
         timeout=_seconds("--timeout", timeout),
         keep_workdir=keep_workdir,
+        key_files=tuple(str(k) for k in (c.config.connect_kwargs.get("key_filename") or [])),   # -i KEY
     )
     result = execute_run_event(settings, request, out=None if quiet else sys.stderr)
     if quiet:
@@ -322,6 +323,7 @@ def known_hosts_add(c: Any, host: str | None = None, event: str | None = None, y
                    code=EXIT_USAGE)
     ssh = SSHSettings(known_hosts_path=settings.known_hosts, connect_timeout=settings.connect_timeout)
     offers: list[HostKeyOffer] = []
+    labels: dict[str, str] = {}   # known_hosts entry -> what the user called it
     unreachable: list[str] = []
     seen: set[tuple[str, int]] = set()
     for label, name, port in wanted:
@@ -335,12 +337,13 @@ def known_hosts_add(c: Any, host: str | None = None, event: str | None = None, y
             unreachable.append(label)
             continue
         offers.append(offer)
+        labels[offer.name] = label if label == offer.name else f"{label} ({offer.name})"
         state = " (already recorded)" if offer.already_known else (
             f" (a DIFFERENT key is recorded: {offer.known_fingerprints()})" if offer.known else "")
-        print(f"{offer.name}: {offer.key_type} {offer.fingerprint}{state}", file=sys.stderr)
+        print(f"{labels[offer.name]}: {offer.key_type} {offer.fingerprint}{state}", file=sys.stderr)
     changed = [o for o in offers if o.known and not o.already_known]
     if changed and not replace:
-        raise Exit(f"cronium-fab: error: {', '.join(o.name for o in changed)}: a DIFFERENT key is recorded; if the "
+        raise Exit(f"cronium-fab: error: {', '.join(labels[o.name] for o in changed)}: a DIFFERENT key is recorded; if the "
                    "server was reinstalled and you checked the new fingerprint, pass --replace (nothing recorded)",
                    code=EXIT_USAGE)
     new = [o for o in offers if not o.already_known]

@@ -14,6 +14,7 @@ JSON document is for stdout.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import signal
@@ -40,19 +41,26 @@ from .db.queries import (
     find_server,
     resolve_event,
     server_credentials,
+    server_names,
     user_variables,
 )
-from .errors import CroniumFabError
+from .errors import ConfigError, CroniumFabError
 from .helper_api import ExecutionContext, HelperAPI, HelperState
 from .output import CappedBuffer, LivePrinter
 from .payloads import PayloadStore, VerifiedPayload
 from .records import Deployment, JobContext, RunRecorder, execution_id_for, hand_run_payload
-from .remote.connection import HostTarget, SSHSettings, open_connection, parse_destination
+from .remote.connection import (
+    HostTarget,
+    SSHSettings,
+    destination_problem,
+    open_connection,
+    parse_destination,
+)
 from .remote.errors import DEAD_PEER, NO_RUNNER, RemoteError
 from .remote.runner_cache import runner_file_name
 from .remote.session import HostRun, run_on_host
 from .remote.tunnel import RemoteForward
-from .results import HostResult, HostStatus, RunResult, aggregate_status, summary_table
+from .results import HostResult, HostStatus, RunResult, aggregate_status, failure_reason, summary_table
 from .settings import HELPER_MODES, Settings
 from .signals import catch_stop_signals, restore_signals
 from .signing import load_public_key, verify_file
@@ -74,6 +82,7 @@ class RunRequest:
     timeout: float | None = None  # override the event's timeout (seconds)
     keep_workdir: bool = False
     output_cap: int = DEFAULT_OUTPUT_CAP
+    key_files: tuple[str, ...] = ()  # -i KEY: for destinations and servers stored without a credential
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,16 +96,19 @@ class Target:
     address: str
 
 
-def _server_target(s: ResolvedServer) -> Target:
+def _server_target(s: ResolvedServer, key_files: tuple[str, ...] = ()) -> Target:
     return Target(HostTarget(name=s.name, host=s.address, port=s.port, user=s.username, server_id=s.id,
-                             private_key=s.private_key, password=s.password), s.id, s.name, s.address)
+                             private_key=s.private_key, password=s.password, key_files=key_files),
+                  s.id, s.name, s.address)
 
 
-def resolve_targets(session: Session, event: ResolvedEvent, hosts: list[str] | None) -> list[Target]:
+def resolve_targets(session: Session, event: ResolvedEvent, hosts: list[str] | None,
+                    key_files: tuple[str, ...] = ()) -> list[Target]:
     """The event's servers, or the -H values: a server's name/address uses its record, anything
-    else is an SSH destination (``[user@]host[:port]``, resolved through ~/.ssh/config)."""
+    else is an SSH destination (``[user@]host[:port]``, resolved through ~/.ssh/config). A value
+    that is neither (a typo) is refused, naming the user's servers it is close to."""
     if not hosts:
-        return [_server_target(s) for s in event.servers]
+        return [_server_target(s, key_files) for s in event.servers]
     key = load_key()
     targets: list[Target] = []
     for value in hosts:
@@ -105,10 +117,19 @@ def resolve_targets(session: Session, event: ResolvedEvent, hosts: list[str] | N
             continue
         row = find_server(session, value, user_id=event.user_id)
         if row is not None:
-            targets.append(_server_target(server_credentials(row, key)))
+            targets.append(_server_target(server_credentials(row, key), key_files))
             continue
         user, host, port = parse_destination(value)
-        targets.append(Target(HostTarget(name=value, host=host, port=port, user=user), None, value, host))
+        problem = destination_problem(host)
+        if problem:
+            names = server_names(session, event.user_id)
+            close = sorted(difflib.get_close_matches(value, names, n=3, cutoff=0.6))
+            raise ConfigError(
+                f"-H {value!r} is neither one of your servers nor a host that resolves ({problem}); "
+                + (f"did you mean {' or '.join(close)}?" if close else
+                   f"your servers: {', '.join(names[:20]) or 'none'} (`cronium-fab events` lists each event's)"))
+        targets.append(Target(HostTarget(name=value, host=host, port=port, user=user, key_files=key_files),
+                              None, value, host))
     if not targets:
         raise CroniumFabError("-H was given but names no host")
     unique: list[Target] = []
@@ -221,7 +242,7 @@ def plan_run(settings: Settings, request: RunRequest, db: Database) -> RunPlan:
         raise CroniumFabError(f"helper mode {mode!r} is not one of {', '.join(HELPER_MODES)}")
     with db.session() as s:
         event = resolve_event(s, request.event_id, require_servers=not request.hosts)
-        targets = resolve_targets(s, event, request.hosts)
+        targets = resolve_targets(s, event, request.hosts, request.key_files)
         variables = user_variables(s, event.user_id)
     store = PayloadStore(db, settings.payload_dir, signing_key=settings.signing_key, public_key=settings.public_key)
     payload = store.load_verified(event.id)
@@ -396,6 +417,8 @@ class EventRun:
                     ok=run.error_kind != "runner-install-failed")
         self.printer.flush(target.name)
         res.stdout, res.stderr = stdout.text(), stderr.text()
+        if res.status == "failure" and res.error is None:
+            res.error = failure_reason(res.exit_code, res.signal, res.stderr)
         res.duration_ms = int((time.monotonic() - t0) * 1000)
         self._finish_host(res, run, _phase_times(run, started, connected), deployment)
 

@@ -92,6 +92,13 @@ def aggregate_status(states: list[HostStatus], cancelled: bool = False) -> RunSt
     return "FAILURE"
 
 
+def failure_reason(exit_code: int | None, signal: int | None, stderr: str) -> str:
+    """Why a script failed, in one line: its exit code (or signal) and the last line it wrote to stderr."""
+    why = f"killed by signal {signal}" if signal else f"exit code {exit_code}"
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
+    return f"{why}: {last[:300]}" if last else why
+
+
 def summary_table(result: RunResult) -> str:
     rows = [("HOST", "STATUS", "EXIT", "DURATION", "RUNNER", "HELPERS")]
     for h in result.hosts:

@@ -134,6 +134,12 @@ def find_server(session: Session, value: str, *, user_id: str | None = None) -> 
     return session.scalars(query.order_by(Server.id)).first()
 
 
+def server_names(session: Session, user_id: str) -> list[str]:
+    """The names of the user's servers (not archived), for suggestions."""
+    return list(session.scalars(select(Server.name).where(Server.user_id == user_id, Server.is_archived.is_(False))
+                                .order_by(Server.name)))
+
+
 def event_env(session: Session, event_id: int, key: bytes | None) -> dict[str, str]:
     rows = session.scalars(select(EnvVar).where(EnvVar.event_id == event_id).order_by(EnvVar.id)).all()
     env: dict[str, str] = {}

@@ -93,6 +93,7 @@ class HostTarget:
     password: str | None = field(default=None, repr=False)
     use_ssh_config: bool = True
     key_passphrase: str | None = field(default=None, repr=False)
+    key_files: tuple[str, ...] = ()  # -i KEY: tried first, before the agent and ~/.ssh/id_*
 
 
 _KEY_CLASSES: tuple[type[paramiko.PKey], ...] = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
@@ -224,7 +225,47 @@ def _connect_kwargs(target: HostTarget, settings: SSHSettings) -> dict[str, Any]
     if target.private_key or target.password:
         kw["look_for_keys"] = False
         kw["allow_agent"] = False
+    elif target.key_files:
+        kw["key_filename"] = [str(Path(k).expanduser()) for k in target.key_files]
     return kw
+
+
+DEFAULT_KEY_FILES = ("id_rsa", "id_ecdsa", "id_ed25519")   # what Paramiko looks for in ~/.ssh
+
+
+def _keys_tried(target: HostTarget, conn: fabric.Connection) -> str:
+    """Which credentials an authentication with ``conn`` offered (names and paths, never contents)."""
+    if target.private_key:
+        return "the server's stored key"
+    if target.password:
+        return "the server's stored password"
+    files = [str(f) for f in conn.connect_kwargs.get("key_filename") or []]
+    files += [str(p) for p in (Path(f"~/.ssh/{n}").expanduser() for n in DEFAULT_KEY_FILES) if p.exists()]
+    agent = "the ssh-agent" if os.environ.get("SSH_AUTH_SOCK") else "no ssh-agent (SSH_AUTH_SOCK is not set)"
+    return (f"key files {', '.join(dict.fromkeys(files))}" if files else "no key file") + f", {agent}"
+
+
+def _no_credentials(target: HostTarget, conn: fabric.Connection, display: str, why: str) -> AuthRefused:
+    return AuthRefused(
+        f"host {display}: authentication as {conn.user!r} {why}; tried {_keys_tried(target, conn)}. Give a key with "
+        "`-i KEY` (fab -i / cronium-fab -i), an IdentityFile in ~/.ssh/config or an ssh-agent, or register the "
+        "server with its key (`cronium-fab load`)", host=display)
+
+
+def destination_problem(host: str, settings: SSHSettings | None = None) -> str | None:
+    """Why an SSH destination (``host`` or a ~/.ssh/config alias) cannot be reached by name, or None.
+    A jump host resolves the name itself: then there is nothing to check here."""
+    cfg = _ssh_config(settings or SSHSettings()).lookup(host)
+    if cfg.get("proxyjump") or cfg.get("proxycommand"):
+        return None
+    hostname = cfg.get("hostname", host)
+    try:
+        socket.getaddrinfo(hostname, None)
+    except socket.gaierror as e:
+        return f"cannot resolve {hostname!r}: {e.strerror or e}"
+    except UnicodeError as e:
+        return f"{hostname!r} is not a host name: {e}"
+    return None
 
 
 class _Connection(fabric.Connection):
@@ -299,7 +340,9 @@ def open_connection(target: HostTarget, settings: SSHSettings | None = None, *,
         ) from e
     except paramiko.AuthenticationException as e:
         conn.close()
-        what = "key" if target.private_key else "password" if target.password else "agent/default keys"
+        if not (target.private_key or target.password):
+            raise _no_credentials(target, conn, display, f"refused ({e})") from e
+        what = "key" if target.private_key else "password"
         raise AuthRefused(f"host {display}: authentication as {conn.user!r} refused ({what}): {e}", host=display) from e
     except paramiko.ssh_exception.NoValidConnectionsError as e:
         conn.close()
@@ -307,7 +350,13 @@ def open_connection(target: HostTarget, settings: SSHSettings | None = None, *,
     except TimeoutError as e:
         conn.close()
         raise HostUnreachable("timeout", f"host {display}: SSH handshake timed out ({e})", host=display) from e
-    except (paramiko.SSHException, EOFError, ConnectionError) as e:
+    except paramiko.SSHException as e:
+        conn.close()
+        if "No authentication methods available" in str(e):   # no key file, no agent, no password
+            raise _no_credentials(target, conn, display, "impossible: nothing to offer") from e
+        raise HostUnreachable("handshake", f"host {display}: SSH handshake with {conn.host}:{conn.port} failed: {e}",
+                              host=display) from e
+    except (EOFError, ConnectionError) as e:
         conn.close()
         raise HostUnreachable("handshake", f"host {display}: SSH handshake with {conn.host}:{conn.port} failed: {e}",
                               host=display) from e
