@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -400,6 +401,98 @@ def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
     return host, port or 22
 
 
+@task(
+    name="serve",
+    auto_shortflags=False,
+    help={
+        "jobs": "jobs at once (default 1); their hosts share --parallel connections",
+        "worker_id": "this worker's id in jobs.orchestrator_id (default env CRONIUM_FAB_WORKER_ID, else user@host); "
+                     "keep it the same across restarts",
+        "lease": "seconds a claim lives without a heartbeat (default 30): a killed worker's jobs go to others then",
+        "poll": "seconds between looks for jobs Cronium's app wrote (default 1; enqueue wakes workers at once)",
+        "drain_timeout": "on SIGTERM, seconds to let running jobs finish before cancelling them (default 60)",
+        "parallel": "connections at once over all jobs (default 32, env CRONIUM_FAB_PARALLEL)",
+    },
+)
+@user_errors
+def serve(c: Any, jobs: int = 1, worker_id: str | None = None, lease: str | None = None, poll: str | None = None,
+          drain_timeout: str | None = None, parallel: int = 0) -> None:
+    """Work Cronium's job queue: claim due SSH jobs and run them (several workers share PostgreSQL)."""
+    from .jobqueue import QueueSettings, default_worker_id
+    from .serve import serve as serve_jobs
+
+    settings = _settings()
+    if parallel:
+        settings = settings.with_(parallel=int(parallel))
+    if int(jobs) < 1:
+        raise Exit("cronium-fab: error: --jobs must be at least 1", code=EXIT_USAGE)
+    qs = QueueSettings(worker_id=worker_id or default_worker_id(), lease_s=_seconds("--lease", lease) or 30.0,
+                       poll_s=_seconds("--poll", poll) or 1.0, jobs=int(jobs))
+    code = serve_jobs(settings, qs, drain_timeout=_seconds("--drain-timeout", drain_timeout) or 60.0, out=sys.stderr)
+    if code:
+        raise Exit(code=code)
+
+
+@task(
+    name="enqueue",
+    auto_shortflags=False,
+    help={"event": "event id", "input": "JSON given to cronium.input()",
+          "at": "when it is due: ISO time (UTC, e.g. 2026-12-03T18:00) or +SECONDS (default now)",
+          "priority": "higher runs first (default 1, Cronium's NORMAL)", "json": "print {job_id, log_id} as JSON"},
+)
+@user_errors
+def enqueue(c: Any, event: str | None = None, input: str | None = None, at: str | None = None,  # noqa: A002
+            priority: int = 1, json: bool = False) -> None:  # noqa: A002
+    """Queue a run of an event as Cronium's app does; a `cronium-fab serve` worker runs it."""
+    import json as jsonlib
+    from datetime import datetime, timedelta
+
+    from .db.models import utcnow
+    from .jobqueue import enqueue as enqueue_job
+
+    event_id = _positive_int("--event", event)
+    try:
+        input_data = jsonlib.loads(input) if input is not None else None
+    except ValueError as exc:
+        raise Exit(f"cronium-fab: error: --input is not valid JSON: {exc}", code=EXIT_USAGE) from None
+    when = None
+    if at:
+        try:
+            when = (utcnow() + timedelta(seconds=float(at[1:]))) if at.startswith("+") else datetime.fromisoformat(at)
+        except ValueError:
+            raise Exit(f"cronium-fab: error: --at {at!r} is neither an ISO time (2026-12-03T18:00) nor +SECONDS",
+                       code=EXIT_USAGE) from None
+        if when.tzinfo is not None:
+            when = when.astimezone(UTC).replace(tzinfo=None)
+    db = _database(_settings())
+    try:
+        job_id, log_id = enqueue_job(db, event_id, input_data=input_data, at=when, priority=int(priority))
+    finally:
+        db.dispose()
+    print(jsonlib.dumps({"job_id": job_id, "log_id": log_id}) if json else job_id)
+
+
+@task(name="jobs", help={"json": "print the jobs as one JSON document"})
+@user_errors
+def jobs(c: Any, json: bool = False) -> None:  # noqa: A002
+    """List the latest jobs with their status, worker and attempts."""
+    import json as jsonlib
+
+    from .jobqueue import jobs_table
+
+    db = _database(_settings())
+    try:
+        rows = jobs_table(db)
+    finally:
+        db.dispose()
+    if json:
+        print(jsonlib.dumps(rows))
+        return
+    for r in rows:
+        print(f"{r['id']:<18} event {r['event_id']:<5} {r['status']:<10} attempts {r['attempts']}  "
+              f"worker {r['worker'] or '-'}" + (f"  ({r['last_error']})" if r["last_error"] else ""))
+
+
 @task(name="worker", auto_shortflags=False, help={"socket": "listen here (default: <data dir>/worker.sock, "
                                                              "env CRONIUM_FAB_WORKER_SOCKET)"})
 @user_errors
@@ -418,6 +511,7 @@ def worker(c: Any, socket: str | None = None) -> None:
 # Everything a command may import, so that a worker's fork finds it loaded.
 WORKER_PRELOAD = (
     "cronium_fab.execute",
+    "cronium_fab.serve",
     "cronium_fab.payloads",
     "cronium_fab.registry",
     "cronium_fab.db.queries",
@@ -430,7 +524,7 @@ WORKER_PRELOAD = (
 
 def build_namespace() -> Collection:
     ns = Collection()
-    for t in (db_init, load, payload_build, events, run_event, known_hosts_add, worker):
+    for t in (db_init, load, payload_build, events, run_event, known_hosts_add, serve, enqueue, jobs, worker):
         ns.add_task(t)
     return ns
 

@@ -48,7 +48,7 @@ from .errors import ConfigError, CroniumFabError
 from .helper_api import ExecutionContext, HelperAPI, HelperState
 from .output import CappedBuffer, LivePrinter
 from .payloads import PayloadStore, VerifiedPayload
-from .records import Deployment, JobContext, RunRecorder, execution_id_for, hand_run_payload
+from .records import Deployment, JobContext, QueueClaim, RunRecorder, execution_id_for, hand_run_payload
 from .remote.connection import (
     HostTarget,
     SSHSettings,
@@ -83,6 +83,7 @@ class RunRequest:
     keep_workdir: bool = False
     output_cap: int = DEFAULT_OUTPUT_CAP
     key_files: tuple[str, ...] = ()  # -i KEY: for destinations and servers stored without a credential
+    claim: QueueClaim | None = None  # a job a serve worker claimed: rows only while its lease holds
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +170,11 @@ class Cancel:
         self.reason: str | None = None
 
     def by_signal(self, signame: str) -> None:
-        self.reason = self.reason or f"the controller received {signame}" + (" (Ctrl-C)" if signame == "SIGINT" else "")
+        self.stop(f"the controller received {signame}" + (" (Ctrl-C)" if signame == "SIGINT" else ""))
+
+    def stop(self, reason: str) -> None:
+        """Cancel the run because of ``reason`` (the first reason given is the one shown)."""
+        self.reason = self.reason or reason
         self.event.set()
 
     def is_set(self) -> bool:
@@ -253,26 +258,29 @@ def plan_run(settings: Settings, request: RunRequest, db: Database) -> RunPlan:
 
 
 def run_event(settings: Settings, request: RunRequest, *, out: IO[str] | None = sys.stderr,
-              cancel: threading.Event | None = None,
-              on_host_done: Callable[[HostResult], None] | None = None) -> RunResult:
+              cancel: threading.Event | Cancel | None = None,
+              on_host_done: Callable[[HostResult], None] | None = None,
+              connection_slots: threading.Semaphore | None = None) -> RunResult:
     """Run one event on all its hosts and record everything. Raises CroniumFabError for bad input
-    (before any row is written); host failures are results, not exceptions."""
+    (before any row is written); host failures are results, not exceptions. ``cancel`` stops the
+    run (a ``Cancel`` says why); ``connection_slots`` bounds the hosts of several runs at once."""
     t0 = time.monotonic()
-    stop = Cancel(cancel)
+    stop = cancel if isinstance(cancel, Cancel) else Cancel(cancel)
     # SIGTERM/SIGINT become "cancel" for the whole run, so a signal never kills us mid-write
     with _interrupts_cancel(stop):
         db = Database(settings.database_url)
         try:
             db.check()
             plan = plan_run(settings, request, db)
-            recorder = RunRecorder(db)
+            recorder = RunRecorder(db, claim=request.claim)
             # bad input stops before this line; from here on every row must end in a terminal state
             ctx = recorder.start(
                 event_id=plan.event.id, event_name=plan.event.name, event_type=plan.event.type,
                 user_id=plan.event.user_id, job_id=request.job_id, input_data=request.input,
                 new_job_payload=hand_run_payload(plan.event, [t.server_id for t in plan.targets], request.input,
                                                  request.timeout))
-            run = EventRun(plan, db, recorder, ctx, out=out, cancel=stop, on_host_done=on_host_done)
+            run = EventRun(plan, db, recorder, ctx, out=out, cancel=stop, on_host_done=on_host_done,
+                           connection_slots=connection_slots)
             return run.run(t0)
         finally:
             db.dispose()
@@ -282,8 +290,10 @@ class EventRun:
     """The state of one run, shared by the host workers (each host only touches its own HostResult)."""
 
     def __init__(self, plan: RunPlan, db: Database, recorder: RunRecorder, ctx: JobContext, *,
-                 out: IO[str] | None, cancel: Cancel, on_host_done: Callable[[HostResult], None] | None) -> None:
+                 out: IO[str] | None, cancel: Cancel, on_host_done: Callable[[HostResult], None] | None,
+                 connection_slots: threading.Semaphore | None = None) -> None:
         self.plan = plan
+        self.connection_slots = connection_slots
         self.db = db
         self.recorder = recorder
         self.ctx = ctx
@@ -357,7 +367,11 @@ class EventRun:
     def _host(self, i: int) -> None:
         res = self.results[i]
         try:
-            self._run_host(self.plan.targets[i], res)
+            if self.connection_slots is None:
+                self._run_host(self.plan.targets[i], res)
+            else:
+                with self.connection_slots:
+                    self._run_host(self.plan.targets[i], res)
         except Exception as exc:  # never lose a host's row because of a bug: record it, minimally
             res.status, res.error_kind = "failure", "internal"
             res.error = f"internal error: {type(exc).__name__}: {exc}"[:2000]

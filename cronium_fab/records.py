@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import Connection, bindparam, select, update
@@ -177,6 +177,30 @@ class Deployment:
     ok: bool
 
 
+@dataclass(frozen=True)
+class QueueClaim:
+    """A run for a job a ``serve`` worker claimed: rows are written only while ``token`` holds the
+    job's lease; a failed attempt with attempts left goes back to ``queued`` (after a backoff, on
+    the hosts that did not succeed) in the same transaction that records it."""
+
+    worker_id: str
+    token: str
+    attempt: int
+    max_attempts: int
+    retry_backoff_s: float = 5.0
+
+
+def merge_metadata(job: Job, **changes: Any) -> None:
+    """Set (or, with None, remove) keys of ``jobs.metadata``, keeping the app's own."""
+    meta = dict(job.metadata_ if isinstance(job.metadata_, dict) else {})
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    job.metadata_ = meta
+
+
 @dataclass
 class JobContext:
     job_id: str
@@ -186,11 +210,24 @@ class JobContext:
 
 
 class RunRecorder:
-    """Writes one run's rows. Thread-safe: hosts finish in worker threads."""
+    """Writes one run's rows. Thread-safe: hosts finish in worker threads.
 
-    def __init__(self, db: Database) -> None:
+    ``lease``: the token of a queue claim (``serve``): the job's and log's rows are written only
+    while ``jobs.metadata.lease.token`` is still ours (a worker that lost its lease records nothing)."""
+
+    def __init__(self, db: Database, claim: QueueClaim | None = None) -> None:
         self.db = db
+        self.claim = claim
+        self.lease = claim.token if claim is not None else None
         self._lock = threading.Lock()
+
+    def _ours(self, job: Job | None) -> bool:
+        if job is None:
+            return False
+        if self.lease is None:
+            return True
+        lease = (job.metadata_ or {}).get("lease") if isinstance(job.metadata_, dict) else None
+        return isinstance(lease, dict) and lease.get("token") == self.lease
 
     # -- start -----------------------------------------------------------------------------
     def start(self, *, event_id: int, event_name: str, event_type: str, user_id: str,
@@ -207,6 +244,10 @@ class RunRecorder:
                     raise JobNotFound(f"job {job_id!r} not found in the jobs table: check --job")
                 if job.event_id is not None and job.event_id != event_id:
                     raise JobNotFound(f"job {job_id!r} belongs to event {job.event_id}, not {event_id}")
+                if not self._ours(job):
+                    raise JobNotFound(f"job {job_id!r}: this worker's claim on it is gone (lease lost)")
+                if job.status == "cancelled":
+                    raise JobNotFound(f"job {job_id!r} was cancelled before it started")
                 payload = job.payload or {}
                 if input_data is None:
                     input_data = payload.get("input")
@@ -349,10 +390,14 @@ class RunRecorder:
                 row = s.get(Execution, eid)
                 if row is not None and row.status in ("queued", "running"):
                     row.status, row.error, row.completed_at = "failed", "not recorded (internal error)", now
+            job = s.get(Job, ctx.job_id, with_for_update=self.lease is not None)
+            if not self._ours(job):   # a worker that lost its lease: its host rows only
+                return
             log = s.get(Log, ctx.log_id)
+            history = (job.metadata_ or {}).get("log_history") if job is not None and isinstance(job.metadata_, dict) else None
             if log is not None:
                 log.status = LOG_STATUS[status]
-                log.output = output
+                log.output = "\n".join([*(f"--- {h}" for h in history or []), output]) if history else output
                 log.end_time = now
                 log.duration = duration_ms
                 log.setup_duration = setup_ms
@@ -361,13 +406,14 @@ class RunRecorder:
                 log.exit_code = exit_code
                 log.error = error
                 log.updated_at = now
-            job = s.get(Job, ctx.job_id)
             if job is not None:
                 job.status = JOB_STATUS[status]
                 job.completed_at = now
                 job.result = job_result
                 job.last_error = error
                 job.updated_at = now
+                if self.claim is not None:
+                    self._end_attempt(job, log, result, now)
             event = s.get(Event, result.event_id, with_for_update=True)
             if event is not None:
                 event.last_run_at = now
@@ -376,6 +422,27 @@ class RunRecorder:
                     event.success_count = (event.success_count or 0) + 1
                 else:
                     event.failure_count = (event.failure_count or 0) + 1
+
+    def _end_attempt(self, job: Job, log: Log | None, result: RunResult, now: datetime) -> None:
+        """A claimed job's attempt ends: recorded in its history, then retried or released."""
+        claim = self.claim
+        assert claim is not None
+        failed = [h.name for h in result.hosts if h.status != "success"]
+        history = list((job.metadata_ or {}).get("attempts") or [])
+        history.append({"attempt": claim.attempt, "status": result.status, "worker": claim.worker_id,
+                        "finished_at": now.isoformat(), "failed_hosts": failed})
+        job.result = dict(job.result or {}, attempts=history)
+        merge_metadata(job, lease=None, attempts=history)
+        if result.status in ("SUCCESS", "CANCELLED") or claim.attempt >= claim.max_attempts or not failed:
+            return
+        delay = min(300.0, claim.retry_backoff_s * 2 ** (claim.attempt - 1))
+        line = (f"attempt {claim.attempt} of {claim.max_attempts}: {result.status}; retry {claim.attempt + 1} in "
+                f"{delay:g} s on {', '.join(failed)}")
+        job.status, job.orchestrator_id, job.completed_at = "queued", None, None
+        job.scheduled_for = now + timedelta(seconds=delay)
+        job.payload = dict(job.payload or {}, retryHosts=failed)
+        job.last_error = clean_text(f"{line}: {job.last_error}" if job.last_error else line)
+        note_attempt(job, log, line)
 
     def abort(self, ctx: JobContext, execution_ids: list[str], reason: str) -> None:
         """Bring every row still open to a terminal state (used on errors and interrupts)."""
@@ -387,13 +454,15 @@ class RunRecorder:
                     row.status = "cancelled"
                     row.error = clean_text(reason)
                     row.completed_at = now
+            job = s.get(Job, ctx.job_id)
+            if not self._ours(job):
+                return
             log = s.get(Log, ctx.log_id)
             if log is not None and log.status in ("PENDING", "RUNNING"):
                 log.status = "FAILURE"
                 log.error = clean_text(reason)
                 log.end_time = now
                 log.successful = False
-            job = s.get(Job, ctx.job_id)
             if job is not None and job.status in ("queued", "claimed", "running"):
                 job.status = "cancelled"
                 job.last_error = clean_text(reason)
@@ -432,3 +501,16 @@ def job_result_of(result: RunResult) -> dict[str, Any]:
         h.pop("stdout", None)
         h.pop("stderr", None)
     return d
+
+
+def note_attempt(job: Job, log: Log | None, line: str) -> None:
+    """An attempt that will be followed by another: its outcome stays in the job's ``logs`` row
+    (``PENDING`` again, as Cronium shows a queued job) above what the next attempt writes."""
+    history = list((job.metadata_ or {}).get("log_history") or [])
+    history.append(line)
+    merge_metadata(job, log_history=history)
+    if log is not None:
+        log.status = "PENDING"
+        log.retries = (log.retries or 0) + 1
+        log.output = ((log.output or "") + ("\n" if log.output else "") + f"--- {line}").strip()
+        log.updated_at = utcnow()
