@@ -52,12 +52,14 @@ def median_of(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(fn() for _ in range(reps))
 
 
-def setup(work: Path, hosts: list[DevHost]) -> tuple[Settings, int, Path]:
+def setup(work: Path, hosts: list[DevHost], database_url: str | None = None,
+          content: str = "true") -> tuple[Settings, int, Path]:
     key, pub = work / "keys" / "cosign.key", work / "keys" / "cosign.pub"
     generate_keypair(key, pub)
     art = build_runner(ROOT / "runner", work / "dist")
     sign_file(art.path, load_private_key(key))
-    settings = Settings(database_url=f"sqlite:///{work / 'cronium.db'}", data_dir=work / "data", signing_key=key,
+    settings = Settings(database_url=database_url or f"sqlite:///{work / 'cronium.db'}", data_dir=work / "data",
+                        signing_key=key,
                         public_key=pub, runner_path=art.path, payload_dir=work / "payloads",
                         helper_mode="bundled", parallel=64)
     db = Database(settings.database_url)
@@ -73,7 +75,7 @@ def setup(work: Path, hosts: list[DevHost]) -> tuple[Settings, int, Path]:
         lines.append(h.known_hosts_line())
         ids.append(add_server(db, h.name, address=h.address, port=h.port, username=h.user, ssh_key=h.private_key_text))
     ssh_known.write_text("\n".join(lines) + "\n")
-    event = add_event(db, content="true", servers=ids)
+    event = add_event(db, content=content, servers=ids)
     db.dispose()
     return settings, event, ssh_known
 

@@ -472,6 +472,21 @@ def enqueue(c: Any, event: str | None = None, input: str | None = None, at: str 
     print(jsonlib.dumps({"job_id": job_id, "log_id": log_id}) if json else job_id)
 
 
+@task(name="recover")
+@user_errors
+def recover(c: Any) -> None:
+    """Close the rows of runs whose controller was killed on this host ("controller lost")."""
+    from .records import recover_lost_runs
+
+    db = _database(_settings())
+    try:
+        closed = recover_lost_runs(db)
+    finally:
+        db.dispose()
+    print(f"closed {len(closed)} run(s) whose controller is gone" + (f": {', '.join(closed)}" if closed else ""),
+          file=sys.stderr)
+
+
 @task(name="jobs", help={"json": "print the jobs as one JSON document"})
 @user_errors
 def jobs(c: Any, json: bool = False) -> None:  # noqa: A002
@@ -524,7 +539,8 @@ WORKER_PRELOAD = (
 
 def build_namespace() -> Collection:
     ns = Collection()
-    for t in (db_init, load, payload_build, events, run_event, known_hosts_add, serve, enqueue, jobs, worker):
+    for t in (db_init, load, payload_build, events, run_event, known_hosts_add, serve, enqueue, jobs, recover,
+              worker):
         ns.add_task(t)
     return ns
 

@@ -48,7 +48,15 @@ from .errors import ConfigError, CroniumFabError
 from .helper_api import ExecutionContext, HelperAPI, HelperState
 from .output import CappedBuffer, LivePrinter
 from .payloads import PayloadStore, VerifiedPayload
-from .records import Deployment, JobContext, QueueClaim, RunRecorder, execution_id_for, hand_run_payload
+from .records import (
+    Deployment,
+    JobContext,
+    QueueClaim,
+    RunRecorder,
+    execution_id_for,
+    hand_run_payload,
+    recover_lost_runs,
+)
 from .remote.connection import (
     HostTarget,
     SSHSettings,
@@ -68,6 +76,7 @@ from .signing import load_public_key, verify_file
 log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_CAP = 4 * 1024 * 1024
+CAP_SLACK = 4096   # the runner's "[cronium-runner: N bytes of stdout dropped by output_cap]" lines
 KILL_GRACE = 5.0
 
 
@@ -271,6 +280,7 @@ def run_event(settings: Settings, request: RunRequest, *, out: IO[str] | None = 
         db = Database(settings.database_url)
         try:
             db.check()
+            recover_lost_runs(db)   # rows a killed controller of this host left open
             plan = plan_run(settings, request, db)
             recorder = RunRecorder(db, claim=request.claim)
             # bad input stops before this line; from here on every row must end in a terminal state
@@ -389,7 +399,9 @@ class EventRun:
         started = utcnow()
         if res.execution_id not in self._started_together:
             self.recorder.hosts_running([res.execution_id])
-        cap = self.plan.request.output_cap
+        # The runner enforces output_cap and says what it dropped (head, a marker, tail); ours only
+        # bounds memory against a runner that does not, with room for its marker: one cap, one marker.
+        cap = self.plan.request.output_cap + CAP_SLACK
         stdout, stderr = CappedBuffer(cap), CappedBuffer(cap)
 
         def on_record(kind: str, ts: float, data: bytes) -> None:

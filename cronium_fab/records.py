@@ -8,6 +8,7 @@ row in a terminal state (see ``RunRecorder.abort``).
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -264,6 +265,8 @@ class RunRecorder:
             job.started_at = now
             job.attempts = (job.attempts or 0) + 1
             job.updated_at = now
+            if self.claim is None:   # who runs it, so that the next cronium-fab can tell when we are gone
+                merge_metadata(job, owner=this_process())
             s.flush()
             log_id = payload.get("executionLogId") if isinstance(payload, dict) else None
             log = s.get(Log, int(log_id)) if log_id not in (None, "") else None
@@ -514,3 +517,63 @@ def note_attempt(job: Job, log: Log | None, line: str) -> None:
         log.retries = (log.retries or 0) + 1
         log.output = ((log.output or "") + ("\n" if log.output else "") + f"--- {line}").strip()
         log.updated_at = utcnow()
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    try:
+        return int(stat.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def this_process() -> dict[str, Any]:
+    """This controller, as ``jobs.metadata.owner``: host, pid and start time (a pid can be reused)."""
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": _start_ticks(os.getpid())}
+
+
+def owner_alive(owner: dict[str, Any]) -> bool | None:
+    """Whether the controller ``owner`` still runs: None when it ran on another host (we cannot
+    tell: a serve worker's lease covers that case)."""
+    import socket
+
+    if owner.get("host") != socket.gethostname():
+        return None
+    pid = owner.get("pid")
+    return isinstance(pid, int) and _start_ticks(pid) is not None and _start_ticks(pid) == owner.get("since")
+
+
+def recover_lost_runs(db: Database) -> list[str]:
+    """Close the rows of runs whose controller is gone (killed with SIGKILL, the machine rebooted):
+    on this host, ``running`` jobs whose owner process no longer exists end ``failed``, with their
+    open ``executions`` and their ``logs`` row, "controller lost". Never a run whose controller is
+    alive, nor another host's, nor a serve worker's claimed job (its lease covers it). Returns the
+    job ids closed."""
+    closed: list[str] = []
+    now = utcnow()
+    query = select(Job).where(Job.status == "running")
+    if db.dialect == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    with db.session() as s:
+        for job in s.scalars(query):
+            meta = job.metadata_ if isinstance(job.metadata_, dict) else {}
+            owner = meta.get("owner")
+            if meta.get("lease") or not isinstance(owner, dict) or owner_alive(owner) is not False:
+                continue
+            why = (f"controller lost: cronium-fab (pid {owner.get('pid')} on {owner.get('host')}) ended without "
+                   "recording the run's end (killed?)")
+            job.status, job.completed_at, job.last_error, job.updated_at = "failed", now, why, now
+            for row in s.scalars(select(Execution).where(Execution.job_id == job.id,
+                                                         Execution.status.in_(("queued", "running")))):
+                row.status, row.error, row.completed_at, row.updated_at = "failed", why, now, now
+            for log in s.scalars(select(Log).where(Log.job_id == job.id, Log.status.in_(("PENDING", "RUNNING")))):
+                log.status, log.error, log.end_time, log.successful, log.updated_at = "FAILURE", why, now, False, now
+            closed.append(job.id)
+    return closed

@@ -103,13 +103,55 @@ def _from_env(name: str, where: str) -> str:
 def _timeout(spec: Any, where: str) -> tuple[int, str]:
     if spec is None:
         return 30, "SECONDS"
-    if isinstance(spec, int):
-        return spec, "SECONDS"
     if isinstance(spec, dict):
+        _check_keys(spec, {"value", "unit"}, f"{where}: timeout")
         value, unit = spec.get("value"), str(spec.get("unit", "SECONDS")).upper()
-        if isinstance(value, int) and unit in TIMEOUT_UNITS:
-            return value, unit
-    raise ConfigError(f"{where}: timeout must be seconds or {{value: N, unit: SECONDS|MINUTES|HOURS|DAYS}}")
+        if unit not in TIMEOUT_UNITS:
+            raise ConfigError(f"{where}: timeout unit {spec.get('unit')!r} is not one of {', '.join(TIMEOUT_UNITS)}")
+    else:
+        value, unit = spec, "SECONDS"
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: timeout must be a whole number of seconds of at least 1 (or "
+                          f"{{value: N, unit: SECONDS|MINUTES|HOURS|DAYS}}), not {value!r}")
+    return value, unit
+
+
+def _typed(spec: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, example: str) -> Any:
+    """``spec[key]`` when it is absent or of ``kind`` (never a bool for a number), else a ConfigError
+    that names the field and shows what it should look like."""
+    value = spec.get(key)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+        return value
+    names = " or ".join({str: "text", int: "a whole number", bool: "true/false", list: "a list",
+                         dict: "a mapping"}.get(k, k.__name__) for k in kinds)
+    raise ConfigError(f"{where}: {key} must be {names}, not {value!r} (e.g. {example})")
+
+
+def _check_server(spec: dict[str, Any], where: str) -> None:
+    for key in ("name", "address", "username", "ssh_key", "ssh_key_file", "password", "password_env"):
+        _typed(spec, key, str, where, f"{key}: " + {"name": "web1", "address": "10.0.0.5"}.get(key, "..."))
+    port = _typed(spec, "port", int, where, "port: 2222")
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: port must be between 1 and 65535, not {port}")
+    _typed(spec, "archived", bool, where, "archived: true")
+
+
+def _check_event(spec: dict[str, Any], where: str) -> None:
+    for key in ("name", "type", "script", "content", "description"):
+        _typed(spec, key, str, where, {"type": "type: BASH", "name": "name: disk-report"}.get(key, f"{key}: |"))
+    servers = _typed(spec, "servers", list, where, "servers: [web1, web2]")
+    for name in servers or []:
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: servers lists server names, not {name!r} (e.g. servers: [web1, web2])")
+    env = _typed(spec, "env", dict, where, "env: {REGION: eu, TOKEN: {from_env: TOKEN}}")
+    for k, v in (env or {}).items():
+        if isinstance(v, dict):
+            _check_keys(v, {"from_env"}, f"{where}: env.{k}")
+            _typed(v, "from_env", str, f"{where}: env.{k}", "{from_env: TOKEN}")
+        elif not isinstance(v, str | int | float) or isinstance(v, bool):
+            raise ConfigError(f"{where}: env.{k} must be text, a number or {{from_env: NAME}}, not {v!r} "
+                              "(quote true/false: 'true')")
 
 
 def load_inventory(db: Database, path: Path) -> LoadReport:
@@ -123,6 +165,10 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping with servers/events/variables")
     _check_keys(doc, TOP_KEYS, str(path))
+    _typed(doc, "servers", list, str(path), "servers: [{name: web1, address: 10.0.0.5}]")
+    _typed(doc, "events", list, str(path), "events: [{name: report, type: BASH, script: df -h}]")
+    _typed(doc, "variables", dict, str(path), "variables: {threshold: 90}")
+    _typed(doc, "user", str, str(path), "user: ops")
     key = load_key()
     report = LoadReport()
     user_id = str(doc.get("user") or "local")
@@ -133,6 +179,7 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
         for i, spec in enumerate(doc.get("servers") or []):
             where = f"{path}: servers[{i}]"
             _check_keys(spec, SERVER_KEYS, where)
+            _check_server(spec, where)
             name = str(_require(spec, "name", where))
             ssh_key = spec.get("ssh_key")
             if spec.get("ssh_key_file"):
@@ -163,6 +210,7 @@ def load_inventory(db: Database, path: Path) -> LoadReport:
         for i, spec in enumerate(doc.get("events") or []):
             where = f"{path}: events[{i}]"
             _check_keys(spec, EVENT_KEYS, where)
+            _check_event(spec, where)
             name = str(_require(spec, "name", where))
             etype = str(_require(spec, "type", where)).upper()
             if etype not in SCRIPT_TYPES:

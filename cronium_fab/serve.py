@@ -32,6 +32,7 @@ from .jobqueue import (
     sqlite_worker_lock,
     wakeups,
 )
+from .records import recover_lost_runs
 from .results import RunResult
 from .settings import Settings
 
@@ -56,6 +57,9 @@ class Worker:
         self.db.check()
         lock = sqlite_worker_lock(self.db)
         try:
+            lost = recover_lost_runs(self.db)   # hand runs of this host whose controller was killed
+            if lost:
+                self.say(f"closed {len(lost)} run(s) whose controller is gone: {', '.join(lost)}")
             orphans = reap_expired(self.db, self.qs, own_only=True)   # our jobs from before a restart
             if orphans:
                 self.say(f"took back {len(orphans)} job(s) left by this worker id before: {', '.join(orphans)}")

@@ -79,3 +79,54 @@ def test_load_summary_says_created_updated_unchanged(db: Database, tmp_path: Pat
     assert third.updated == ["server web2", "event report"]
     assert third.summary().splitlines() == ["updated 2: server web2, event report",
                                             "unchanged 2: server web1, variable owner"]
+
+
+@pytest.mark.parametrize(("event", "message"), [
+    ({"timeout": -5}, "timeout must be a whole number of seconds of at least 1"),
+    ({"timeout": 0}, "at least 1"),
+    ({"timeout": True}, "at least 1"),
+    ({"timeout": {"value": 5, "unit": "WEEKS"}}, "timeout unit 'WEEKS'"),
+    ({"script": 42}, "script must be text, not 42"),
+    ({"script": [1, 2]}, "script must be text"),
+    ({"servers": "demo-1"}, "servers must be a list, not 'demo-1' (e.g. servers: [web1, web2])"),
+    ({"servers": [1]}, "servers lists server names"),
+    ({"env": {"DEBUG": True}}, "env.DEBUG must be text, a number or {from_env: NAME}"),
+    ({"env": ["A=1"]}, "env must be a mapping"),
+])
+def test_load_checks_every_field_s_type(event: dict[str, object], message: str, tmp_path: Path) -> None:
+    spec = {"name": "e", "type": "BASH", "script": "true", "servers": ["demo-1"], **event}
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump({"servers": [{"name": "demo-1", "address": "10.0.0.1"}], "events": [spec]}))
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    db.init()
+    try:
+        with pytest.raises(ConfigError) as err:
+            load_inventory(db, path)
+        assert message in str(err.value) and "events[0]" in str(err.value)
+        from sqlalchemy import func, select
+
+        from cronium_fab.db.models import Server
+
+        with db.session() as s:   # all or nothing: the valid server before the bad event is not kept
+            assert s.scalar(select(func.count()).select_from(Server)) == 0
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize(("server", "message"), [
+    ({"port": "22"}, "port must be a whole number"),
+    ({"port": True}, "port must be a whole number"),
+    ({"port": 70000}, "between 1 and 65535"),
+    ({"address": 10}, "address must be text"),
+    ({"archived": "yes"}, "archived must be true/false"),
+])
+def test_load_checks_server_fields(server: dict[str, object], message: str, tmp_path: Path) -> None:
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump({"servers": [{"name": "a", "address": "10.0.0.1", **server}]}))
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    db.init()
+    try:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            load_inventory(db, path)
+    finally:
+        db.dispose()

@@ -307,3 +307,14 @@ def test_rows_show_running_hosts_and_hosts_waiting_their_turn(fleet: Fleet, ssh_
         rows = s.scalars(select(Execution)).all()
         assert [e.status for e in rows] == ["completed"] * 3
         assert all(e.started_at is not None and e.setup_started_at is not None for e in rows)
+
+
+def test_a_flood_is_capped_once_with_one_marker(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
+    (host,) = ssh_hosts(1)
+    ev = fleet.event([host], "head -c 3000000 /dev/zero | tr '\\0' x; echo; echo last-line")
+    result = _run(fleet, ev, output_cap=1024 * 1024)
+    out = result.hosts[0].stdout
+    assert result.status == "SUCCESS"
+    assert out.count("dropped by output_cap") == 1 and "bytes truncated" not in out
+    assert out.startswith("x") and out.rstrip().endswith("last-line")
+    assert len(out.encode()) < 1024 * 1024 + 200
