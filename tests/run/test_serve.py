@@ -25,6 +25,8 @@ from tests.run.conftest import Fleet
 pytestmark = pytest.mark.ssh
 
 TERMINAL = ("completed", "failed", "cancelled")
+# several workers share PostgreSQL (SQLite takes one worker: test_sqlite_takes_one_worker)
+ON_POSTGRESQL = pytest.mark.parametrize("db_url", ["postgresql", "cronium"], indirect=True)
 
 
 @dataclass
@@ -83,9 +85,8 @@ def set_retries(fleet: Fleet, ev: int, retries: int) -> None:
 MARK = 'echo "$CRONIUM_JOB_ID $CRONIUM_SERVER_NAME" > "{d}/$CRONIUM_EXECUTION_ID.mark"'
 
 
+@ON_POSTGRESQL
 def test_three_workers_run_every_job_exactly_once(fleet: Fleet, ssh_hosts, workers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    if fleet.db.dialect != "postgresql":
-        pytest.skip("several workers share PostgreSQL (SQLite takes one worker: test_sqlite_takes_one_worker)")
     hosts = ssh_hosts(2)
     d = tmp_path / "marks"
     d.mkdir()
@@ -106,8 +107,6 @@ LEASE = {"CRONIUM_FAB_REQUEUE_MARGIN": "1"}
 def first_attempt_hangs(fleet: Fleet, ssh_hosts, workers: list[Serve], tmp_path: Path):  # type: ignore[no-untyped-def]
     """Worker "wa" (2 s lease) runs a job whose first attempt hangs (until its 3 s timeout) and
     whose second marks at once; returns once the first attempt runs."""
-    if fleet.db.dialect != "postgresql":
-        pytest.skip("two workers need PostgreSQL")
     (host,) = ssh_hosts(1)
     d = tmp_path / "marks"
     d.mkdir()
@@ -119,6 +118,7 @@ def first_attempt_hangs(fleet: Fleet, ssh_hosts, workers: list[Serve], tmp_path:
     return host, d, job_id, a
 
 
+@ON_POSTGRESQL
 def test_killed_worker_s_job_is_finished_by_another_once(fleet: Fleet, ssh_hosts, workers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     host, d, job_id, a = first_attempt_hangs(fleet, ssh_hosts, workers, tmp_path)
     a.proc.kill()                                   # SIGKILL mid-job
@@ -135,6 +135,7 @@ def test_killed_worker_s_job_is_finished_by_another_once(fleet: Fleet, ssh_hosts
     assert log.status == "SUCCESS" and "worker wa lost" in log.output
 
 
+@ON_POSTGRESQL
 def test_frozen_worker_that_comes_back_records_nothing(fleet: Fleet, ssh_hosts, workers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     host, d, job_id, a = first_attempt_hangs(fleet, ssh_hosts, workers, tmp_path)
     a.proc.send_signal(signal.SIGSTOP)              # frozen past its lease
@@ -230,9 +231,8 @@ def test_sigterm_drains_the_running_job_and_leaves_the_rest(fleet: Fleet, ssh_ho
     assert "draining" in w.text() and "stopped" in w.text()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_sqlite_takes_one_worker(fleet: Fleet, ssh_hosts, workers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    if fleet.db.dialect != "sqlite":
-        pytest.skip("the SQLite case")
     (host,) = ssh_hosts(1)
     ev = fleet.event([host], "echo hello")
     start(fleet, workers, tmp_path, "w1")
