@@ -143,7 +143,9 @@ def test_run_without_job_on_cronium_database(cronium_fleet: Fleet, ssh_hosts, tm
     assert job["payload"] == {
         "executionLogId": log["id"], "input": {}, "script": {"type": "PYTHON", "content": SCRIPT},
         "target": {"serverId": server_ids[0], "serverIds": server_ids}, "timeout": {"value": 2, "unit": "MINUTES"}}
+    owner = job["metadata"].pop("owner")   # ours: who ran it (a killed controller's rows are closed by the next)
     assert job["metadata"] == {"eventName": "Nightly report", "triggeredBy": "manual", "logId": log["id"]}
+    assert set(owner) == {"host", "pid", "since"}
     assert job["result"]["status"] == "SUCCESS" and job["completed_at"] is not None
 
     assert_satisfies_cronium("logs", log)
