@@ -95,13 +95,13 @@ def json_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _positive_int(flag: str, value: str | None) -> int:
+def _positive_int(flag: str, value: str | None, *, what: str = "an event id",
+                  lister: str = "`cronium-fab events`") -> int:
     if value is None:
-        raise Exit(f"cronium-fab: error: {flag} is required: the event's id (`cronium-fab events` lists them)",
-                   code=EXIT_USAGE)
+        raise Exit(f"cronium-fab: error: {flag} is required: {what} ({lister} lists them)", code=EXIT_USAGE)
     if not str(value).strip().isdigit() or int(value) < 1:
-        raise Exit(f"cronium-fab: error: {flag} needs an event id (a positive integer), got {value!r}; "
-                   "`cronium-fab events` lists them", code=EXIT_USAGE)
+        raise Exit(f"cronium-fab: error: {flag} needs {what} (a positive integer), got {value!r}; "
+                   f"{lister} lists them", code=EXIT_USAGE)
     return int(value)
 
 
@@ -213,21 +213,81 @@ def events(c: Any) -> None:
             print(f"{ev.id:>5}  {ev.type:<12} {ev.name:<30} servers: {names}")
 
 
+# Flags of every command that runs an event (run-event, rerun).
+RUN_HELP = {
+    "json": "print one JSON document with the aggregate result on stdout",
+    "parallel": "how many hosts at once (default 32, env CRONIUM_FAB_PARALLEL)",
+    "helper_mode": "auto | api | bundled (default auto, env CRONIUM_FAB_HELPER_MODE)",
+    "host_key_policy": "strict (unknown hosts refused) | accept-new (first key recorded)",
+    "input": "JSON given to cronium.input() (hand runs)",
+    "timeout": "override the event's timeout: seconds (> 0)",
+    "keep_workdir": "keep the remote work directory (debugging)",
+    "quiet": "no live output, only the summary",
+    "batch": "start hosts in successive batches, each once the previous one ended: a size or a list, "
+             "e.g. 1,10%,100% (a canary, then 10%, then the rest; the last size repeats)",
+    "max_failures": "failure budget over the whole run: once more than N (or P%) of the hosts failed their "
+                    "script, no new host starts; those never started end `skipped` (exit 7)",
+    "fail_fast": "the same as --max-failures 0",
+    "max_unreachable": "the same for unreachable hosts, counted apart from script failures",
+    "connect_retries": "try a refused, reset or timed-out connect again N times (default 1, with jitter)",
+    "output_dir": "write each host's full stdout and stderr to DIR/NAME.stdout and DIR/NAME.stderr",
+    "plan": "check each host (reachable, host key, python3 >= 3.8, runner cached) and show what would "
+            "happen; runs nothing, writes nothing",
+}
+
+
+def _run_settings(parallel: int, helper_mode: str | None, host_key_policy: str | None) -> Settings:
+    settings = _settings()
+    changes: dict[str, Any] = {}
+    if host_key_policy:
+        changes["host_key_policy"] = host_key_policy
+    if helper_mode:
+        changes["helper_mode"] = helper_mode
+    if parallel:
+        changes["parallel"] = int(parallel)
+    return settings.with_(**changes) if changes else settings
+
+
+def _stderr_is_a_terminal() -> bool:
+    """Where the live status line may go: stderr is a terminal that can move its cursor."""
+    try:
+        return sys.stderr is not None and sys.stderr.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
+    except (AttributeError, ValueError):
+        return False
+
+
+def _execute(settings: Settings, request: Any, *, json: bool, quiet: bool, plan: bool) -> None:
+    """Run (or with ``plan`` only check) ``request``, print what it did, exit with its status."""
+    import json as jsonlib
+
+    from .execute import plan_fleet
+    from .execute import run_event as execute_run_event
+
+    result: Any
+    if plan:
+        result = plan_fleet(settings, request)
+        print(result.text(), file=sys.stderr)
+    else:
+        live = not json and not quiet and _stderr_is_a_terminal()
+        result = execute_run_event(settings, request, out=None if quiet else sys.stderr, live_status=live)
+        if quiet:
+            from .results import summary_table
+
+            print(summary_table(result), file=sys.stderr)
+    if json:
+        print(jsonlib.dumps(result.to_dict(), ensure_ascii=False, default=str))
+    if result.exit_code:
+        raise RunExit(code=result.exit_code)
+
+
 @task(
     name="run-event",
     auto_shortflags=False,
     help={
         "id": "event id",
-        "json": "print one JSON document with the aggregate result on stdout",
         "job": "an existing Cronium job id: its input feeds cronium.input() and its rows are updated",
         "hosts": "comma-separated hosts instead of the event's servers (same as fab -H)",
-        "parallel": "how many hosts at once (default 32, env CRONIUM_FAB_PARALLEL)",
-        "helper_mode": "auto | api | bundled (default auto, env CRONIUM_FAB_HELPER_MODE)",
-        "host_key_policy": "strict (unknown hosts refused) | accept-new (first key recorded)",
-        "input": "JSON given to cronium.input() (hand runs)",
-        "timeout": "override the event's timeout: seconds (> 0)",
-        "keep_workdir": "keep the remote work directory (debugging)",
-        "quiet": "no live output, only the summary",
+        **RUN_HELP,
     },
 )
 @json_errors
@@ -245,23 +305,20 @@ def run_event(
     timeout: str | None = None,
     keep_workdir: bool = False,
     quiet: bool = False,
+    batch: str | None = None,
+    max_failures: str | None = None,
+    fail_fast: bool = False,
+    max_unreachable: str | None = None,
+    connect_retries: str | None = None,
+    output_dir: str | None = None,
+    plan: bool = False,
 ) -> None:
     """Run an event on all its servers in parallel; exit 0 only when every host succeeded."""
     import json as jsonlib
 
     from .execute import RunRequest
-    from .execute import run_event as execute_run_event
 
-    settings = _settings()
-    changes: dict[str, Any] = {}
-    if host_key_policy:
-        changes["host_key_policy"] = host_key_policy
-    if helper_mode:
-        changes["helper_mode"] = helper_mode
-    if parallel:
-        changes["parallel"] = int(parallel)
-    if changes:
-        settings = settings.with_(**changes)
+    settings = _run_settings(parallel, helper_mode, host_key_policy)
     try:
         input_data = jsonlib.loads(input) if input is not None else None
     except ValueError as exc:
@@ -273,19 +330,115 @@ def run_event(
         input=input_data,
         timeout=_seconds("--timeout", timeout),
         keep_workdir=keep_workdir,
+        batch=batch, max_failures=max_failures, fail_fast=fail_fast, max_unreachable=max_unreachable,
+        connect_retries=connect_retries,
+        output_dir=output_dir,
     )
-    result = execute_run_event(settings, request, out=None if quiet else sys.stderr)
-    if quiet:
-        from .results import summary_table
-
-        print(summary_table(result), file=sys.stderr)
-    if json:
-        print(jsonlib.dumps(result.to_dict(), ensure_ascii=False, default=str))
-    if result.exit_code:
-        raise RunExit(code=result.exit_code)
+    _execute(settings, request, json=json, quiet=quiet, plan=plan)
 
 
 run_event.all_hosts = True
+
+
+@task(
+    name="rerun",
+    auto_shortflags=False,
+    positional=["log_id"],
+    help={
+        "log_id": "the run to rerun: its log id (`cronium-fab runs` lists them)",
+        "only": "which hosts of that run: all (every host that did not succeed: failed, timeout, unreachable, "
+                "cancelled, skipped; the default) | failed (script failed or timed out) | unreachable",
+        **{k: v for k, v in RUN_HELP.items() if k != "input"},
+    },
+)
+@json_errors
+@user_errors
+def rerun(
+    c: Any,
+    log_id: str | None = None,
+    only: str = "all",
+    json: bool = False,  # noqa: A002
+    parallel: int = 0,
+    helper_mode: str | None = None,
+    host_key_policy: str | None = None,
+    timeout: str | None = None,
+    keep_workdir: bool = False,
+    quiet: bool = False,
+    batch: str | None = None,
+    max_failures: str | None = None,
+    fail_fast: bool = False,
+    max_unreachable: str | None = None,
+    connect_retries: str | None = None,
+    output_dir: str | None = None,
+    plan: bool = False,
+) -> None:
+    """Run a past run's event again on exactly its hosts that did not succeed (with that run's input)."""
+    from .execute import rerun_request
+
+    log = _positive_int("LOG_ID", log_id, what="a run's log id", lister="`cronium-fab runs`")
+    settings = _run_settings(parallel, helper_mode, host_key_policy)
+    fields = dict(rerun_only=only, timeout=_seconds("--timeout", timeout), keep_workdir=keep_workdir, batch=batch,
+                  max_failures=max_failures, fail_fast=fail_fast, max_unreachable=max_unreachable,
+                  connect_retries=connect_retries, output_dir=output_dir)
+    from .execute import RunRequest
+
+    RunRequest(event_id=log, **fields)  # type: ignore[arg-type]  # bad flags: refused before the database opens
+    db = _database(settings)
+    try:
+        request = rerun_request(db, log, **fields)
+    finally:
+        db.dispose()
+    _execute(settings, request, json=json, quiet=quiet, plan=plan)
+
+
+@task(name="runs", auto_shortflags=False,
+      help={"event": "only this event's runs", "limit": "how many (the newest first; default 20)",
+            "json": "one JSON document on stdout: {\"runs\": [...]}"})
+@json_errors
+@user_errors
+def runs(c: Any, event: str | None = None, limit: str = "20", json: bool = False) -> None:  # noqa: A002
+    """List the latest runs: log id, start time, status, event, host counts by state."""
+    import json as jsonlib
+
+    from .history import list_runs, runs_table
+
+    event_id = _positive_int("--event", event) if event is not None else None
+    n = _positive_int("--limit", limit, what="how many runs to list")
+    settings = _settings()
+    db = _database(settings)
+    try:
+        views = list_runs(db, event_id=event_id, limit=n)
+    finally:
+        db.dispose()
+    if json:
+        print(jsonlib.dumps({"runs": [v.to_dict() for v in views]}, ensure_ascii=False, default=str))
+    else:
+        print(runs_table(views))
+
+
+@task(name="show", auto_shortflags=False, positional=["log_id"],
+      help={"log_id": "the run's log id (`cronium-fab runs` lists them)",
+            "host": "only this host (its name, address or execution id), with all its output",
+            "json": "one JSON document on stdout"})
+@json_errors
+@user_errors
+def show(c: Any, log_id: str | None = None, host: str | None = None, json: bool = False) -> None:  # noqa: A002
+    """Show one run: its status, its hosts (failures first) and their output (identical output once)."""
+    import json as jsonlib
+
+    from .history import show_run
+
+    log = _positive_int("LOG_ID", log_id, what="a run's log id", lister="`cronium-fab runs`")
+    settings = _settings()
+    db = _database(settings)
+    try:
+        detail = show_run(db, log, host=host)
+    finally:
+        db.dispose()
+    if json:
+        print(jsonlib.dumps(detail.to_dict(), ensure_ascii=False, default=str))
+    else:
+        print(detail.text())
 
 
 @task(
@@ -363,7 +516,10 @@ def worker(c: Any, socket: str | None = None) -> None:
 # Everything a command may import, so that a worker's fork finds it loaded.
 WORKER_PRELOAD = (
     "cronium_fab.execute",
+    "cronium_fab.history",
     "cronium_fab.payloads",
+    "rich.console",
+    "rich.live",
     "cronium_fab.registry",
     "cronium_fab.db.queries",
     "cronium_fab.remote.known_hosts",
@@ -375,7 +531,7 @@ WORKER_PRELOAD = (
 
 def build_namespace() -> Collection:
     ns = Collection()
-    for t in (db_init, load, payload_build, events, run_event, known_hosts_add, worker):
+    for t in (db_init, load, payload_build, events, run_event, rerun, runs, show, known_hosts_add, worker):
         ns.add_task(t)
     return ns
 
@@ -400,13 +556,16 @@ class GroupExecutor(Executor):
         return group_calls + super().expand_calls(other, apply_hosts=apply_hosts)
 
 
+JSON_COMMANDS = {"run-event", "rerun", "runs", "show"}
+
+
 class _Program(Fab):
     """Fab with our usage-error contract: a bad flag or an unknown command exits 2 (not Invoke's 1,
     which would read as a FAILED run), and `run-event --json` still prints one JSON document."""
 
     def _usage(self, exc: ParseError) -> Exit:
         message = f"cronium-fab: error: {exc} (`cronium-fab --help` lists commands, `cronium-fab --help CMD` flags)"
-        if "--json" in sys.argv[1:] and "run-event" in sys.argv[1:]:
+        if "--json" in sys.argv[1:] and JSON_COMMANDS & set(sys.argv[1:]):
             print(json.dumps({"status": "ERROR", "error": str(exc), "exit_code": EXIT_USAGE}))
         return Exit(message, code=EXIT_USAGE)
 
