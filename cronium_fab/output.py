@@ -127,7 +127,7 @@ class TerminalView(LivePrinter):
 
         self._live = Live(StatusLine(), console=self.console, refresh_per_second=4, transient=True,
                           redirect_stdout=False, redirect_stderr=False)
-        self._live.start()
+        self._live.start(refresh=True)  # drawn at once, not first after a refresh period
 
     def host_started(self, host: str) -> None:
         with self._lock:
