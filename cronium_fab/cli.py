@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import sys
@@ -219,7 +220,6 @@ RUN_HELP = {
     "parallel": "how many hosts at once (default 32, env CRONIUM_FAB_PARALLEL)",
     "helper_mode": "auto | api | bundled (default auto, env CRONIUM_FAB_HELPER_MODE)",
     "host_key_policy": "strict (unknown hosts refused) | accept-new (first key recorded)",
-    "input": "JSON given to cronium.input() (hand runs)",
     "timeout": "override the event's timeout: seconds (> 0)",
     "keep_workdir": "keep the remote work directory (debugging)",
     "quiet": "no live output, only the summary",
@@ -236,16 +236,42 @@ RUN_HELP = {
 }
 
 
-def _run_settings(parallel: int, helper_mode: str | None, host_key_policy: str | None) -> Settings:
+# their defaults (Invoke makes a flag of each: bool -> --flag, else --flag VALUE)
+RUN_FLAGS: dict[str, Any] = {
+    "json": False, "parallel": 0, "helper_mode": None, "host_key_policy": None, "timeout": None,
+    "keep_workdir": False, "quiet": False, "batch": None, "max_failures": None, "fail_fast": False,
+    "max_unreachable": None, "connect_retries": None, "output_dir": None, "plan": False,
+}
+
+
+def run_flags(fn: F) -> F:
+    """Give a task that runs an event the flags every such task takes (``RUN_FLAGS``, described
+    in ``RUN_HELP``): Invoke reads a task's flags from its signature; ``fn`` gets them as ``**flags``."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+             for name, default in RUN_FLAGS.items()]
+    fn.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    return fn
+
+
+def _run_settings(flags: dict[str, Any]) -> Settings:
     settings = _settings()
     changes: dict[str, Any] = {}
-    if host_key_policy:
-        changes["host_key_policy"] = host_key_policy
-    if helper_mode:
-        changes["helper_mode"] = helper_mode
-    if parallel:
-        changes["parallel"] = int(parallel)
+    if flags["host_key_policy"]:
+        changes["host_key_policy"] = flags["host_key_policy"]
+    if flags["helper_mode"]:
+        changes["helper_mode"] = flags["helper_mode"]
+    if flags["parallel"]:
+        changes["parallel"] = int(flags["parallel"])
     return settings.with_(**changes) if changes else settings
+
+
+def _request_fields(flags: dict[str, Any]) -> dict[str, Any]:
+    """The RunRequest fields the run flags give (RunRequest checks them when it is made)."""
+    fields = {k: flags[k] for k in ("keep_workdir", "batch", "max_failures", "fail_fast", "max_unreachable",
+                                    "connect_retries", "output_dir")}
+    return dict(fields, timeout=_seconds("--timeout", flags["timeout"]))
 
 
 def _stderr_is_a_terminal() -> bool:
@@ -256,15 +282,16 @@ def _stderr_is_a_terminal() -> bool:
         return False
 
 
-def _execute(settings: Settings, request: Any, *, json: bool, quiet: bool, plan: bool) -> None:
-    """Run (or with ``plan`` only check) ``request``, print what it did, exit with its status."""
+def _execute(settings: Settings, request: Any, flags: dict[str, Any]) -> None:
+    """Run (with ``--plan`` only check) ``request``, print what it did, exit with its status."""
     import json as jsonlib
 
     from .execute import plan_fleet
     from .execute import run_event as execute_run_event
 
+    json, quiet = flags["json"], flags["quiet"]
     result: Any
-    if plan:
+    if flags["plan"]:
         result = plan_fleet(settings, request)
         print(result.text(), file=sys.stderr)
     else:
@@ -287,38 +314,27 @@ def _execute(settings: Settings, request: Any, *, json: bool, quiet: bool, plan:
         "id": "event id",
         "job": "an existing Cronium job id: its input feeds cronium.input() and its rows are updated",
         "hosts": "comma-separated hosts instead of the event's servers (same as fab -H)",
+        "input": "JSON given to cronium.input() (hand runs)",
         **RUN_HELP,
     },
 )
+@run_flags
 @json_errors
 @user_errors
 def run_event(
     c: Any,
     id: str | None = None,  # noqa: A002 - the CLI flag is --id
-    json: bool = False,  # noqa: A002
     job: str | None = None,
     hosts: str | None = None,
-    parallel: int = 0,
-    helper_mode: str | None = None,
-    host_key_policy: str | None = None,
     input: str | None = None,  # noqa: A002
-    timeout: str | None = None,
-    keep_workdir: bool = False,
-    quiet: bool = False,
-    batch: str | None = None,
-    max_failures: str | None = None,
-    fail_fast: bool = False,
-    max_unreachable: str | None = None,
-    connect_retries: str | None = None,
-    output_dir: str | None = None,
-    plan: bool = False,
+    **flags: Any,
 ) -> None:
     """Run an event on all its servers in parallel; exit 0 only when every host succeeded."""
     import json as jsonlib
 
     from .execute import RunRequest
 
-    settings = _run_settings(parallel, helper_mode, host_key_policy)
+    settings = _run_settings(flags)
     try:
         input_data = jsonlib.loads(input) if input is not None else None
     except ValueError as exc:
@@ -328,13 +344,9 @@ def run_event(
         hosts=[h for h in hosts.split(",") if h.strip()] if hosts else None,
         job_id=job,
         input=input_data,
-        timeout=_seconds("--timeout", timeout),
-        keep_workdir=keep_workdir,
-        batch=batch, max_failures=max_failures, fail_fast=fail_fast, max_unreachable=max_unreachable,
-        connect_retries=connect_retries,
-        output_dir=output_dir,
+        **_request_fields(flags),
     )
-    _execute(settings, request, json=json, quiet=quiet, plan=plan)
+    _execute(settings, request, flags)
 
 
 run_event.all_hosts = True
@@ -348,47 +360,26 @@ run_event.all_hosts = True
         "log_id": "the run to rerun: its log id (`cronium-fab runs` lists them)",
         "only": "which hosts of that run: all (every host that did not succeed: failed, timeout, unreachable, "
                 "cancelled, skipped; the default) | failed (script failed or timed out) | unreachable",
-        **{k: v for k, v in RUN_HELP.items() if k != "input"},
+        **RUN_HELP,
     },
 )
+@run_flags
 @json_errors
 @user_errors
-def rerun(
-    c: Any,
-    log_id: str | None = None,
-    only: str = "all",
-    json: bool = False,  # noqa: A002
-    parallel: int = 0,
-    helper_mode: str | None = None,
-    host_key_policy: str | None = None,
-    timeout: str | None = None,
-    keep_workdir: bool = False,
-    quiet: bool = False,
-    batch: str | None = None,
-    max_failures: str | None = None,
-    fail_fast: bool = False,
-    max_unreachable: str | None = None,
-    connect_retries: str | None = None,
-    output_dir: str | None = None,
-    plan: bool = False,
-) -> None:
+def rerun(c: Any, log_id: str | None = None, only: str = "all", **flags: Any) -> None:
     """Run a past run's event again on exactly its hosts that did not succeed (with that run's input)."""
-    from .execute import rerun_request
+    from .execute import RunRequest, rerun_request
 
     log = _positive_int("LOG_ID", log_id, what="a run's log id", lister="`cronium-fab runs`")
-    settings = _run_settings(parallel, helper_mode, host_key_policy)
-    fields = dict(rerun_only=only, timeout=_seconds("--timeout", timeout), keep_workdir=keep_workdir, batch=batch,
-                  max_failures=max_failures, fail_fast=fail_fast, max_unreachable=max_unreachable,
-                  connect_retries=connect_retries, output_dir=output_dir)
-    from .execute import RunRequest
-
-    RunRequest(event_id=log, **fields)  # type: ignore[arg-type]  # bad flags: refused before the database opens
+    settings = _run_settings(flags)
+    fields = dict(_request_fields(flags), rerun_only=only)
+    RunRequest(event_id=log, **fields)  # bad flags are refused before the database is opened
     db = _database(settings)
     try:
         request = rerun_request(db, log, **fields)
     finally:
         db.dispose()
-    _execute(settings, request, json=json, quiet=quiet, plan=plan)
+    _execute(settings, request, flags)
 
 
 @task(name="runs", auto_shortflags=False,
