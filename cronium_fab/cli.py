@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import sys
@@ -96,13 +97,13 @@ def json_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _positive_int(flag: str, value: str | None) -> int:
+def _positive_int(flag: str, value: str | None, *, what: str = "an event id",
+                  lister: str = "`cronium-fab events`") -> int:
     if value is None:
-        raise Exit(f"cronium-fab: error: {flag} is required: the event's id (`cronium-fab events` lists them)",
-                   code=EXIT_USAGE)
+        raise Exit(f"cronium-fab: error: {flag} is required: {what} ({lister} lists them)", code=EXIT_USAGE)
     if not str(value).strip().isdigit() or int(value) < 1:
-        raise Exit(f"cronium-fab: error: {flag} needs an event id (a positive integer), got {value!r}; "
-                   "`cronium-fab events` lists them", code=EXIT_USAGE)
+        raise Exit(f"cronium-fab: error: {flag} needs {what} (a positive integer), got {value!r}; "
+                   f"{lister} lists them", code=EXIT_USAGE)
     return int(value)
 
 
@@ -221,55 +222,132 @@ def events(c: Any) -> None:
             print(f"{ev.id:>5}  {ev.type:<12} {ev.name:<30} servers: {names}")
 
 
+# Flags of every command that runs an event (run-event, rerun).
+RUN_HELP = {
+    "json": "print one JSON document with the aggregate result on stdout",
+    "parallel": "how many hosts at once (default 32, env CRONIUM_FAB_PARALLEL)",
+    "helper_mode": "auto | api | bundled (default auto, env CRONIUM_FAB_HELPER_MODE)",
+    "host_key_policy": "strict (unknown hosts refused) | accept-new (first key recorded)",
+    "timeout": "override the event's timeout: seconds (> 0)",
+    "keep_workdir": "keep the remote work directory (debugging)",
+    "quiet": "no live output, only the summary",
+    "batch": "start hosts in successive batches, each once the previous one ended: a size or a list, "
+             "e.g. 1,10%,100% (a canary, then 10%, then the rest; the last size repeats)",
+    "max_failures": "failure budget over the whole run: once more than N (or P%) of the hosts failed their "
+                    "script, no new host starts; those never started end `skipped` (exit 7)",
+    "fail_fast": "the same as --max-failures 0",
+    "max_unreachable": "the same for unreachable hosts, counted apart from script failures",
+    "connect_retries": "try a refused, reset or timed-out connect again N times (default 1, with jitter)",
+    "output_dir": "write each host's full stdout and stderr to DIR/NAME.stdout and DIR/NAME.stderr",
+    "plan": "check each host (reachable, host key, python3 >= 3.8, runner cached) and show what would "
+            "happen; runs nothing, writes nothing",
+}
+
+
+# their defaults (Invoke makes a flag of each: bool -> --flag, else --flag VALUE)
+RUN_FLAGS: dict[str, Any] = {
+    "json": False, "parallel": 0, "helper_mode": None, "host_key_policy": None, "timeout": None,
+    "keep_workdir": False, "quiet": False, "batch": None, "max_failures": None, "fail_fast": False,
+    "max_unreachable": None, "connect_retries": None, "output_dir": None, "plan": False,
+}
+
+
+def run_flags(fn: F) -> F:
+    """Give a task that runs an event the flags every such task takes (``RUN_FLAGS``, described
+    in ``RUN_HELP``): Invoke reads a task's flags from its signature; ``fn`` gets them as ``**flags``."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+             for name, default in RUN_FLAGS.items()]
+    fn.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    return fn
+
+
+def _run_settings(flags: dict[str, Any]) -> Settings:
+    settings = _settings()
+    changes: dict[str, Any] = {}
+    if flags["host_key_policy"]:
+        changes["host_key_policy"] = flags["host_key_policy"]
+    if flags["helper_mode"]:
+        changes["helper_mode"] = flags["helper_mode"]
+    if flags["parallel"]:
+        changes["parallel"] = int(flags["parallel"])
+    return settings.with_(**changes) if changes else settings
+
+
+def _key_files(c: Any) -> tuple[str, ...]:
+    """``-i KEY`` (fab's and our core flag): for destinations and servers stored without a credential."""
+    return tuple(str(k) for k in (c.config.connect_kwargs.get("key_filename") or []))
+
+
+def _request_fields(flags: dict[str, Any]) -> dict[str, Any]:
+    """The RunRequest fields the run flags give (RunRequest checks them when it is made)."""
+    fields = {k: flags[k] for k in ("keep_workdir", "batch", "max_failures", "fail_fast", "max_unreachable",
+                                    "connect_retries", "output_dir")}
+    return dict(fields, timeout=_seconds("--timeout", flags["timeout"]))
+
+
+def _stderr_is_a_terminal() -> bool:
+    """Where the live status line may go: stderr is a terminal that can move its cursor."""
+    try:
+        return sys.stderr is not None and sys.stderr.isatty() and os.environ.get("TERM", "") not in ("", "dumb")
+    except (AttributeError, ValueError):
+        return False
+
+
+def _execute(settings: Settings, request: Any, flags: dict[str, Any]) -> None:
+    """Run (with ``--plan`` only check) ``request``, print what it did, exit with its status."""
+    import json as jsonlib
+
+    from .execute import plan_fleet
+    from .execute import run_event as execute_run_event
+
+    json, quiet = flags["json"], flags["quiet"]
+    result: Any
+    if flags["plan"]:
+        result = plan_fleet(settings, request)
+        print(result.text(), file=sys.stderr)
+    else:
+        live = not json and not quiet and _stderr_is_a_terminal()
+        result = execute_run_event(settings, request, out=None if quiet else sys.stderr, live_status=live)
+        if quiet:
+            from .results import summary_table
+
+            print(summary_table(result), file=sys.stderr)
+    if json:
+        print(jsonlib.dumps(result.to_dict(), ensure_ascii=False, default=str))
+    if result.exit_code:
+        raise RunExit(code=result.exit_code)
+
+
 @task(
     name="run-event",
     auto_shortflags=False,
     help={
         "id": "event id",
-        "json": "print one JSON document with the aggregate result on stdout",
         "job": "an existing Cronium job id: its input feeds cronium.input() and its rows are updated",
         "hosts": "comma-separated hosts instead of the event's servers (same as fab -H)",
-        "parallel": "how many hosts at once (default 32, env CRONIUM_FAB_PARALLEL)",
-        "helper_mode": "auto | api | bundled (default auto, env CRONIUM_FAB_HELPER_MODE)",
-        "host_key_policy": "strict (unknown hosts refused) | accept-new (first key recorded)",
         "input": "JSON given to cronium.input() (hand runs)",
-        "timeout": "override the event's timeout: seconds (> 0)",
-        "keep_workdir": "keep the remote work directory (debugging)",
-        "quiet": "no live output, only the summary",
+        **RUN_HELP,
     },
 )
+@run_flags
 @json_errors
 @user_errors
 def run_event(
     c: Any,
     id: str | None = None,  # noqa: A002 - the CLI flag is --id
-    json: bool = False,  # noqa: A002
     job: str | None = None,
     hosts: str | None = None,
-    parallel: int = 0,
-    helper_mode: str | None = None,
-    host_key_policy: str | None = None,
     input: str | None = None,  # noqa: A002
-    timeout: str | None = None,
-    keep_workdir: bool = False,
-    quiet: bool = False,
+    **flags: Any,
 ) -> None:
     """Run an event on all its servers in parallel; exit 0 only when every host succeeded."""
     import json as jsonlib
 
     from .execute import RunRequest
-    from .execute import run_event as execute_run_event
 
-    settings = _settings()
-    changes: dict[str, Any] = {}
-    if host_key_policy:
-        changes["host_key_policy"] = host_key_policy
-    if helper_mode:
-        changes["helper_mode"] = helper_mode
-    if parallel:
-        changes["parallel"] = int(parallel)
-    if changes:
-        settings = settings.with_(**changes)
+    settings = _run_settings(flags)
     try:
         input_data = jsonlib.loads(input) if input is not None else None
     except ValueError as exc:
@@ -279,22 +357,93 @@ def run_event(
         hosts=[h for h in hosts.split(",") if h.strip()] if hosts else None,
         job_id=job,
         input=input_data,
-        timeout=_seconds("--timeout", timeout),
-        keep_workdir=keep_workdir,
-        key_files=tuple(str(k) for k in (c.config.connect_kwargs.get("key_filename") or [])),   # -i KEY
+        **_request_fields(flags),
+        key_files=_key_files(c),
     )
-    result = execute_run_event(settings, request, out=None if quiet else sys.stderr)
-    if quiet:
-        from .results import summary_table
-
-        print(summary_table(result), file=sys.stderr)
-    if json:
-        print(jsonlib.dumps(result.to_dict(), ensure_ascii=False, default=str))
-    if result.exit_code:
-        raise RunExit(code=result.exit_code)
+    _execute(settings, request, flags)
 
 
 run_event.all_hosts = True
+
+
+@task(
+    name="rerun",
+    auto_shortflags=False,
+    positional=["log_id"],
+    help={
+        "log_id": "the run to rerun: its log id (`cronium-fab runs` lists them)",
+        "only": "which hosts of that run: all (every host that did not succeed: failed, timeout, unreachable, "
+                "cancelled, skipped; the default) | failed (script failed or timed out) | unreachable",
+        **RUN_HELP,
+    },
+)
+@run_flags
+@json_errors
+@user_errors
+def rerun(c: Any, log_id: str | None = None, only: str = "all", **flags: Any) -> None:
+    """Run a past run's event again on exactly its hosts that did not succeed (with that run's input)."""
+    from .execute import RunRequest, rerun_request
+
+    log = _positive_int("LOG_ID", log_id, what="a run's log id", lister="`cronium-fab runs`")
+    settings = _run_settings(flags)
+    fields = dict(_request_fields(flags), rerun_only=only)
+    RunRequest(event_id=log, **fields)  # bad flags are refused before the database is opened
+    db = _database(settings)
+    try:
+        request = rerun_request(db, log, **fields)
+    finally:
+        db.dispose()
+    _execute(settings, request, flags)
+
+
+@task(name="runs", auto_shortflags=False,
+      help={"event": "only this event's runs", "limit": "how many (the newest first; default 20)",
+            "json": "one JSON document on stdout: {\"runs\": [...]}"})
+@json_errors
+@user_errors
+def runs(c: Any, event: str | None = None, limit: str = "20", json: bool = False) -> None:  # noqa: A002
+    """List the latest runs: log id, start time, status, event, host counts by state."""
+    import json as jsonlib
+
+    from .history import list_runs, runs_table
+
+    event_id = _positive_int("--event", event) if event is not None else None
+    n = _positive_int("--limit", limit, what="how many runs to list")
+    settings = _settings()
+    db = _database(settings)
+    try:
+        views = list_runs(db, event_id=event_id, limit=n)
+    finally:
+        db.dispose()
+    if json:
+        print(jsonlib.dumps({"runs": [v.to_dict() for v in views]}, ensure_ascii=False, default=str))
+    else:
+        print(runs_table(views))
+
+
+@task(name="show", auto_shortflags=False, positional=["log_id"],
+      help={"log_id": "the run's log id (`cronium-fab runs` lists them)",
+            "host": "only this host (its name, address or execution id), with all its output",
+            "json": "one JSON document on stdout"})
+@json_errors
+@user_errors
+def show(c: Any, log_id: str | None = None, host: str | None = None, json: bool = False) -> None:  # noqa: A002
+    """Show one run: its status, its hosts (failures first) and their output (identical output once)."""
+    import json as jsonlib
+
+    from .history import show_run
+
+    log = _positive_int("LOG_ID", log_id, what="a run's log id", lister="`cronium-fab runs`")
+    settings = _settings()
+    db = _database(settings)
+    try:
+        detail = show_run(db, log, host=host)
+    finally:
+        db.dispose()
+    if json:
+        print(jsonlib.dumps(detail.to_dict(), ensure_ascii=False, default=str))
+    else:
+        print(detail.text())
 
 
 @task(
@@ -527,7 +676,10 @@ def worker(c: Any, socket: str | None = None) -> None:
 WORKER_PRELOAD = (
     "cronium_fab.execute",
     "cronium_fab.serve",
+    "cronium_fab.history",
     "cronium_fab.payloads",
+    "rich.console",
+    "rich.live",
     "cronium_fab.registry",
     "cronium_fab.db.queries",
     "cronium_fab.remote.known_hosts",
@@ -539,8 +691,8 @@ WORKER_PRELOAD = (
 
 def build_namespace() -> Collection:
     ns = Collection()
-    for t in (db_init, load, payload_build, events, run_event, known_hosts_add, serve, enqueue, jobs, recover,
-              worker):
+    for t in (db_init, load, payload_build, events, run_event, rerun, runs, show, known_hosts_add, serve, enqueue,
+              jobs, recover, worker):
         ns.add_task(t)
     return ns
 
@@ -565,13 +717,16 @@ class GroupExecutor(Executor):
         return group_calls + super().expand_calls(other, apply_hosts=apply_hosts)
 
 
+JSON_COMMANDS = {"run-event", "rerun", "runs", "show"}
+
+
 class _Program(Fab):
     """Fab with our usage-error contract: a bad flag or an unknown command exits 2 (not Invoke's 1,
     which would read as a FAILED run), and `run-event --json` still prints one JSON document."""
 
     def _usage(self, exc: ParseError) -> Exit:
         message = f"cronium-fab: error: {exc} (`cronium-fab --help` lists commands, `cronium-fab --help CMD` flags)"
-        if "--json" in sys.argv[1:] and "run-event" in sys.argv[1:]:
+        if "--json" in sys.argv[1:] and JSON_COMMANDS & set(sys.argv[1:]):
             print(json.dumps({"status": "ERROR", "error": str(exc), "exit_code": EXIT_USAGE}))
         return Exit(message, code=EXIT_USAGE)
 

@@ -3,6 +3,7 @@ only). Each error says what went wrong and what to do.
 
     0 success · 1 run FAILURE · 2 usage / configuration error · 3 run PARTIAL · 4 run TIMEOUT
     5 run CANCELLED · 6 internal error (a bug: please report it)
+    7 run STOPPED (the failure budget kept hosts from starting; they are ``skipped``)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ EXIT_PARTIAL = 3
 EXIT_TIMEOUT = 4
 EXIT_CANCELLED = 5
 EXIT_INTERNAL = 6
+EXIT_STOPPED = 7
 
 
 class CroniumFabError(Exception):

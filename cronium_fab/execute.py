@@ -6,10 +6,11 @@ Usable from Python with no CLI::
     result = run_event(Settings.from_env(), RunRequest(event_id=7))
     print(result.status, [h.status for h in result.hosts])
 
-Hosts run in a bounded thread pool (``parallel``); each host's row is written the moment it
-finishes, so one slow or dead host never delays the others' results. Human output (live lines
-prefixed by the server name, then a summary table) goes to ``out`` (stderr in the CLI); the
-JSON document is for stdout.
+Hosts run in a bounded thread pool (``parallel``), batch after batch (``--batch``), until the
+failure budget says stop (``control.py``); each host's row is written the moment it finishes, so
+one slow or dead host never delays the others' results. Human output (live lines prefixed by the
+server name, on a terminal a status line, then a summary) goes to ``out`` (stderr in the CLI);
+the JSON document is for stdout. ``plan_fleet`` checks every host and runs nothing (``--plan``).
 """
 
 from __future__ import annotations
@@ -17,36 +18,44 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy.orm import Session
 
 from . import __version__
 from .build import RunnerArtifact
+from .control import RERUN_STATES, Budget, RerunOnly, RunControl
 from .db.crypto import load_key
 from .db.engine import Database
 from .db.models import utcnow
 from .db.queries import (
     ResolvedEvent,
     ResolvedServer,
+    SkippedServer,
     find_server,
+    get_server,
+    job_payload,
     resolve_event,
     server_credentials,
     server_names,
+    stored_run,
     user_variables,
 )
 from .errors import ConfigError, CroniumFabError
 from .helper_api import ExecutionContext, HelperAPI, HelperState
-from .output import CappedBuffer, LivePrinter
+from .output import CappedBuffer, HostFiles, LivePrinter, TerminalView, output_file_stems, prepare_output_dir
 from .payloads import PayloadStore, VerifiedPayload
 from .records import (
     Deployment,
@@ -55,20 +64,24 @@ from .records import (
     RunRecorder,
     execution_id_for,
     hand_run_payload,
+    host_state_of,
     recover_lost_runs,
 )
-from .remote.connection import (
-    HostTarget,
-    SSHSettings,
-    destination_problem,
-    open_connection,
-    parse_destination,
-)
+from .remote.connection import HostTarget, SSHSettings, connect, destination_problem, parse_destination
 from .remote.errors import DEAD_PEER, NO_RUNNER, RemoteError
 from .remote.runner_cache import runner_file_name
-from .remote.session import HostRun, run_on_host
+from .remote.session import HostRun, probe_host, run_on_host
 from .remote.tunnel import RemoteForward
-from .results import HostResult, HostStatus, RunResult, aggregate_status, failure_reason, summary_table
+from .results import (
+    FleetPlan,
+    HostCheck,
+    HostResult,
+    HostStatus,
+    RunResult,
+    aggregate_status,
+    failure_reason,
+    summary_table,
+)
 from .settings import HELPER_MODES, Settings
 from .signals import catch_stop_signals, restore_signals
 from .signing import load_public_key, verify_file
@@ -77,6 +90,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_CAP = 4 * 1024 * 1024
 CAP_SLACK = 4096   # the runner's "[cronium-runner: N bytes of stdout dropped by output_cap]" lines
+FULL_OUTPUT_CAP = 1 << 40  # the runner's cap with --output-dir: in effect none
 KILL_GRACE = 5.0
 
 
@@ -93,6 +107,25 @@ class RunRequest:
     output_cap: int = DEFAULT_OUTPUT_CAP
     key_files: tuple[str, ...] = ()  # -i KEY: for destinations and servers stored without a credential
     claim: QueueClaim | None = None  # a job a serve worker claimed: rows only while its lease holds
+    # run control (control.py): what is given here wins over a Cronium job's payload.fleet
+    batch: str | Sequence[int | str] | None = None  # "1,10%,100%", or [1, "10%", "100%"]
+    max_failures: int | str | None = None  # N or "P%"
+    fail_fast: bool = False  # max_failures 0
+    max_unreachable: int | str | None = None  # N or "P%", counted apart from script failures
+    connect_retries: int | str | None = None  # None: the job's, else 1
+    output_dir: str | os.PathLike[str] | None = None  # each host's full stdout/stderr in NAME.stdout/.stderr
+    rerun_of: int | None = None  # a log id: run on that run's hosts that did not succeed (see rerun_only)
+    rerun_only: RerunOnly = "all"  # all | failed | unreachable
+
+    def __post_init__(self) -> None:
+        self.control()  # a bad value is refused here, before anything is opened or written
+        if self.rerun_only not in RERUN_STATES:
+            raise ConfigError(f"--only must be one of {', '.join(RERUN_STATES)}, got {self.rerun_only!r}")
+
+    def control(self, job_fleet: Any = None) -> RunControl:
+        fields = {name: getattr(self, name) for name in
+                  ("batch", "max_failures", "fail_fast", "max_unreachable", "connect_retries", "output_dir")}
+        return RunControl.from_fields(fields, job_fleet=job_fleet, job_id=self.job_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +201,7 @@ def _ssh_settings(settings: Settings) -> SSHSettings:
         known_hosts_path=settings.known_hosts,
         connect_timeout=settings.connect_timeout,
         keepalive_interval=int(settings.keepalive),
+        retry_delay=settings.connect_retry_delay,
     )
 
 
@@ -243,36 +277,199 @@ class RunPlan:
     runner: RunnerArtifact
     timeout: float                  # the script's, in seconds
     ssh: SSHSettings
+    control: RunControl = field(default_factory=RunControl)
+    batches: tuple[range, ...] = ()  # host indexes of each batch, in order
+    skipped: tuple[SkippedServer, ...] = ()  # servers left out (archived; gone since the run reran)
+    input: Any = None               # the request's, or the rerun run's
+    output_dir: Path | None = None
 
     @property
     def trigger(self) -> str:
         return "job" if self.request.job_id else "manual"
 
+    def batch_of(self, index: int) -> int:
+        return next(n for n, b in enumerate(self.batches, 1) if index in b)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    event: ResolvedEvent
+    control: RunControl
+    targets: list[Target]
+    skipped: tuple[SkippedServer, ...]
+    input: Any
+    variables: dict[str, Any]
+
+
+def _resolve(request: RunRequest, db: Database) -> _Resolved:
+    """What a run's request names, read from the database (nothing written): the event, the run
+    control (the request's over the job's ``payload.fleet``), the targets (a rerun's: that run's)."""
+    input_data = request.input
+    with db.session() as s:
+        payload_of_job = job_payload(s, request.job_id) if request.job_id else None
+        control = request.control(payload_of_job.get("fleet") if isinstance(payload_of_job, dict) else None)
+        event = resolve_event(s, request.event_id, require_servers=not request.hosts and request.rerun_of is None)
+        skipped: tuple[SkippedServer, ...] = tuple(event.skipped)
+        if request.rerun_of is not None:
+            if request.hosts:
+                raise ConfigError("a rerun runs on the hosts of the run it reruns: -H/--hosts cannot go with it")
+            targets, skipped, previous_input = rerun_targets(s, event, request.rerun_of, request.rerun_only)
+            if input_data is None:
+                input_data = previous_input
+        else:
+            targets = resolve_targets(s, event, request.hosts, request.key_files)
+        variables = user_variables(s, event.user_id)
+    return _Resolved(event, control, targets, skipped, input_data, variables)
+
 
 def plan_run(settings: Settings, request: RunRequest, db: Database) -> RunPlan:
     """Resolve the event, its targets, payload and runner. Raises CroniumFabError for bad input."""
+    mode = _helper_mode(settings, request)
+    r = _resolve(request, db)
+    store = PayloadStore(db, settings.payload_dir, signing_key=settings.signing_key, public_key=settings.public_key)
+    payload = store.load_verified(r.event.id)
+    output_dir = prepare_output_dir(r.control.output_dir) if r.control.output_dir else None
+    return RunPlan(settings=settings, request=request, mode=mode, event=r.event, targets=tuple(r.targets),
+                   variables=r.variables, payload=payload, runner=load_runner(settings),
+                   timeout=request.timeout if request.timeout is not None else r.event.timeout_seconds,
+                   ssh=_ssh_settings(settings), control=r.control, batches=tuple(r.control.batches(len(r.targets))),
+                   skipped=r.skipped, input=r.input, output_dir=output_dir)
+
+
+def _helper_mode(settings: Settings, request: RunRequest) -> str:
     mode = request.helper_mode or settings.helper_mode
     if mode not in HELPER_MODES:
         raise CroniumFabError(f"helper mode {mode!r} is not one of {', '.join(HELPER_MODES)}")
+    return mode
+
+
+def plan_fleet(settings: Settings, request: RunRequest, *, cancel: threading.Event | None = None) -> FleetPlan:
+    """``run-event --plan``: resolve the hosts and batches and check each host (reachable, host
+    key known, python3 >= 3.8, runner cached) with one probe exec that runs no script. Nothing is
+    written: no row, no host key (an unknown key is looked at, never recorded), no runner, no
+    payload build, no output directory. Raises CroniumFabError for bad input, as a run would."""
+    _helper_mode(settings, request)
+    db = Database(settings.database_url)
+    try:
+        db.check()
+        r = _resolve(request, db)
+        store = PayloadStore(db, settings.payload_dir, signing_key=settings.signing_key,
+                             public_key=settings.public_key)
+        version, current = store.payload_state(r.event.id)
+    finally:
+        db.dispose()
+    runner = load_runner(settings)
+    payload = (f"v{version}, current" if current else
+               f"v{version}, stale: the run rebuilds and signs it first" if version else
+               "not built yet: the run builds and signs it first")
+    ssh = _ssh_settings(settings)
+    unknown_ok = settings.host_key_policy == "accept-new"
+    look = replace(ssh, host_key_policy="accept-once" if unknown_ok else "strict")
+    batches = r.control.batches(len(r.targets))
+    checks = [HostCheck(name=t.name, host=t.address, server_id=t.server_id,
+                        batch=next(n for n, b in enumerate(batches, 1) if i in b)) for i, t in enumerate(r.targets)]
+    stop = cancel or threading.Event()
+
+    def check(i: int) -> None:
+        target, c = r.targets[i], checks[i]
+        try:
+            conn, c.connect_attempts = connect(target.host, look, retries=r.control.connect_retries, cancel=stop)
+        except RemoteError as exc:
+            c.error, c.error_kind, c.connect_attempts = str(exc), exc.kind, exc.attempts
+            c.reachable = exc.kind in ("auth-refused", "host-key-unknown", "host-key-changed", "key-invalid")
+            c.host_key = {"host-key-unknown": "unknown", "host-key-changed": "changed"}.get(exc.kind, c.host_key)
+            return
+        try:
+            c.reachable = True
+            c.host_key = "unknown" if getattr(conn, "first_contact", None) else "known"
+            if c.host_key == "unknown":
+                c.error = f"host key {conn.first_contact} is not known yet: the run records it (accept-new)"
+            probe = probe_host(conn, runner.sha256, settings.setup_timeout)
+        except RuntimeError as exc:
+            c.error, c.error_kind = str(exc), "remote"
+            return
+        finally:
+            conn.close()
+        c.runner = None if probe.runner_cached is None else "cached" if probe.runner_cached else "install"
+        if probe.python is None:
+            c.error, c.error_kind = "python3 is not on the login PATH: the runner needs Python >= 3.8", "python-missing"
+            return
+        c.python = ".".join(map(str, probe.python))
+        if probe.python < (3, 8):
+            c.error, c.error_kind = f"python3 is {c.python}: the runner needs Python >= 3.8", "python-too-old"
+            return
+        c.ready = True
+
+    parallel = max(1, min(request.parallel or settings.parallel, len(r.targets)))
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cronium-plan") as pool:
+        list(pool.map(check, range(len(r.targets))))
+    return FleetPlan(event_id=r.event.id, event_name=r.event.name, event_type=r.event.type, payload=payload,
+                     hosts=checks, control=r.control.to_payload(), parallel=parallel,
+                     skipped=[{"server_id": s.id, "name": s.name, "reason": s.reason} for s in r.skipped],
+                     rerun_of=request.rerun_of)
+
+
+class NothingToRerun(CroniumFabError):
+    """The run named has no host in the states asked for."""
+
+
+def rerun_targets(session: Session, event: ResolvedEvent, log_id: int, only: str
+                  ) -> tuple[list[Target], tuple[SkippedServer, ...], Any]:
+    """The hosts of run ``log_id`` that ended in one of ``RERUN_STATES[only]``, in that run's
+    order, resolved again (a server's current record and credentials; a -H destination as it
+    was written); servers deleted or archived since are left out with the reason. Also returns
+    that run's input."""
+    previous = stored_run(session, log_id)
+    if previous is None:
+        raise CroniumFabError(f"run {log_id} not found: give a log id (`cronium-fab runs` lists them)")
+    if previous.event_id != event.id:
+        raise CroniumFabError(f"run {log_id} is a run of event {previous.event_id}, not of event {event.id}")
+    if previous.log_status in ("PENDING", "RUNNING"):
+        raise CroniumFabError(f"run {log_id} is still {previous.log_status}: rerun it once it has ended")
+    wanted = RERUN_STATES[only]
+    chosen = [h for h in previous.hosts if host_state_of(h.exec_status, h.host_status) in wanted]
+    if not chosen:
+        states = ", ".join(sorted(wanted))
+        raise NothingToRerun(f"run {log_id} has no host that ended {states}: nothing to rerun "
+                             f"(`cronium-fab show {log_id}` shows its hosts)")
+    key = load_key()
+    targets: list[Target] = []
+    gone: list[SkippedServer] = []
+    for h in chosen:
+        if h.server_id is None:
+            user, host, port = parse_destination(h.name)
+            targets.append(Target(HostTarget(name=h.name, host=host, port=port, user=user), None, h.name, host))
+            continue
+        row = get_server(session, h.server_id)
+        if row is None or row.is_archived or row.user_id != event.user_id:
+            what = "deleted" if row is None else "archived" if row.is_archived else "no longer the event user's"
+            gone.append(SkippedServer(h.server_id, h.name, f"server {what} since run {log_id}"))
+        else:
+            targets.append(_server_target(server_credentials(row, key)))
+    if not targets:
+        raise NothingToRerun(f"run {log_id}: every host to rerun is gone ("
+                             + "; ".join(f"{g.name}: {g.reason}" for g in gone) + ")")
+    return targets, tuple(gone), previous.input
+
+
+def rerun_request(db: Database, log_id: int, **fields: Any) -> RunRequest:
+    """A ``RunRequest`` that reruns run ``log_id`` (its event; ``fields`` as RunRequest's, e.g.
+    ``rerun_only="failed"``, ``batch="1,100%"``)."""
     with db.session() as s:
-        event = resolve_event(s, request.event_id, require_servers=not request.hosts)
-        targets = resolve_targets(s, event, request.hosts, request.key_files)
-        variables = user_variables(s, event.user_id)
-    store = PayloadStore(db, settings.payload_dir, signing_key=settings.signing_key, public_key=settings.public_key)
-    payload = store.load_verified(event.id)
-    return RunPlan(settings=settings, request=request, mode=mode, event=event, targets=tuple(targets),
-                   variables=variables, payload=payload, runner=load_runner(settings),
-                   timeout=request.timeout if request.timeout is not None else event.timeout_seconds,
-                   ssh=_ssh_settings(settings))
+        previous = stored_run(s, log_id)
+    if previous is None or previous.event_id is None:
+        raise CroniumFabError(f"run {log_id} not found: give a log id (`cronium-fab runs` lists them)")
+    return RunRequest(event_id=previous.event_id, rerun_of=log_id, **fields)
 
 
 def run_event(settings: Settings, request: RunRequest, *, out: IO[str] | None = sys.stderr,
               cancel: threading.Event | Cancel | None = None,
-              on_host_done: Callable[[HostResult], None] | None = None,
+              on_host_done: Callable[[HostResult], None] | None = None, live_status: bool = False,
               connection_slots: threading.Semaphore | None = None) -> RunResult:
     """Run one event on all its hosts and record everything. Raises CroniumFabError for bad input
     (before any row is written); host failures are results, not exceptions. ``cancel`` stops the
-    run (a ``Cancel`` says why); ``connection_slots`` bounds the hosts of several runs at once."""
+    run (a ``Cancel`` says why); ``live_status``: ``out`` is a terminal, keep a status line at its
+    bottom (``output.TerminalView``); ``connection_slots`` bounds the hosts of several runs at once."""
     t0 = time.monotonic()
     stop = cancel if isinstance(cancel, Cancel) else Cancel(cancel)
     # SIGTERM/SIGINT become "cancel" for the whole run, so a signal never kills us mid-write
@@ -286,10 +483,13 @@ def run_event(settings: Settings, request: RunRequest, *, out: IO[str] | None = 
             # bad input stops before this line; from here on every row must end in a terminal state
             ctx = recorder.start(
                 event_id=plan.event.id, event_name=plan.event.name, event_type=plan.event.type,
-                user_id=plan.event.user_id, job_id=request.job_id, input_data=request.input,
-                new_job_payload=hand_run_payload(plan.event, [t.server_id for t in plan.targets], request.input,
-                                                 request.timeout))
-            run = EventRun(plan, db, recorder, ctx, out=out, cancel=stop, on_host_done=on_host_done,
+                user_id=plan.event.user_id, job_id=request.job_id, input_data=plan.input,
+                new_job_payload=hand_run_payload(plan.event, [t.server_id for t in plan.targets], plan.input,
+                                                 request.timeout, fleet=plan.control.to_payload()),
+                metadata={"rerunOf": request.rerun_of} if request.rerun_of is not None else None)
+            names = [t.name for t in plan.targets]
+            printer = TerminalView(out, names) if live_status and out is not None else LivePrinter(out, names)
+            run = EventRun(plan, db, recorder, ctx, printer=printer, cancel=stop, on_host_done=on_host_done,
                            connection_slots=connection_slots)
             return run.run(t0)
         finally:
@@ -300,8 +500,9 @@ class EventRun:
     """The state of one run, shared by the host workers (each host only touches its own HostResult)."""
 
     def __init__(self, plan: RunPlan, db: Database, recorder: RunRecorder, ctx: JobContext, *,
-                 out: IO[str] | None, cancel: Cancel, on_host_done: Callable[[HostResult], None] | None,
+                 printer: LivePrinter, cancel: Cancel, on_host_done: Callable[[HostResult], None] | None,
                  connection_slots: threading.Semaphore | None = None) -> None:
+        self.connection_slots = connection_slots
         self.plan = plan
         self.connection_slots = connection_slots
         self.db = db
@@ -309,42 +510,51 @@ class EventRun:
         self.ctx = ctx
         self.cancel = cancel
         self.on_host_done = on_host_done
-        self.printer = LivePrinter(out, [t.name for t in plan.targets])
+        self.printer = printer
+        self.budget = Budget(plan.control, len(plan.targets))
         self.results = [
-            HostResult(server_id=t.server_id, name=t.name, host=t.address,
+            HostResult(server_id=t.server_id, name=t.name, host=t.address, batch=plan.batch_of(i),
                        execution_id=execution_id_for(ctx.job_id, t.server_id if t.server_id is not None else f"h{i}"))
             for i, t in enumerate(plan.targets)
         ]
         self.api: HelperAPI | None = None
-        self._started_together: set[str] = set()
+        self._started: set[int] = set()
+        self._files = output_file_stems([t.name for t in plan.targets]) if plan.output_dir else None
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self, t0: float) -> RunResult:
         plan, recorder, ctx, results = self.plan, self.recorder, self.ctx, self.results
         event = plan.event
         try:
-            recorder.add_executions(ctx.job_id, [(r.execution_id, t.server_id, t.name,
-                                                  {"host": t.address, "trigger": plan.trigger})
-                                                 for t, r in zip(plan.targets, results, strict=True)])
-            if plan.mode == "bundled":
-                self._run_hosts()
-            else:
-                s = plan.settings
-                lifetime = plan.timeout + KILL_GRACE + s.watchdog_margin + s.setup_timeout + 300
-                with HelperAPI(self.db, secret=s.api_secret, lifetime_s=lifetime) as api:
-                    self.api = api
-                    try:
-                        self._run_hosts()
-                    finally:
-                        self.api = None
+            try:
+                recorder.add_executions(ctx.job_id, [
+                    (r.execution_id, t.server_id, t.name,
+                     {"host": t.address, "trigger": plan.trigger, "index": i, "batch": r.batch})
+                    for i, (t, r) in enumerate(zip(plan.targets, results, strict=True))])
+                if plan.mode == "bundled":
+                    self._run_hosts()
+                else:
+                    s = plan.settings
+                    lifetime = plan.timeout + KILL_GRACE + s.watchdog_margin + s.setup_timeout + 300
+                    with HelperAPI(self.db, secret=s.api_secret, lifetime_s=lifetime) as api:
+                        self.api = api
+                        try:
+                            self._run_hosts()
+                        finally:
+                            self.api = None
+            finally:
+                self.printer.close()
             states = [r.status for r in results]
-            status = aggregate_status(states, cancelled=self.cancel.is_set() and "cancelled" in states)
+            status = aggregate_status(states, cancelled=self.cancel.is_set() and "cancelled" in states,
+                                      stopped=self.budget.stopped is not None)
             result = RunResult(status=status, event_id=event.id, event_name=event.name, job_id=ctx.job_id,
                                log_id=ctx.log_id, hosts=results,
                                skipped=[{"server_id": s.id, "name": s.name, "reason": s.reason}
-                                        for s in event.skipped],
+                                        for s in plan.skipped],
                                duration_ms=int((time.monotonic() - t0) * 1000),
-                               payload_version=plan.payload.version)
+                               payload_version=plan.payload.version,
+                               stopped=self.budget.stopped if status == "STOPPED" else None,
+                               batches=len(plan.batches), rerun_of=plan.request.rerun_of)
             recorder.finish(ctx, result)
         except BaseException as exc:
             recorder.abort(ctx, [r.execution_id for r in results], f"run aborted: {type(exc).__name__}: {exc}")
@@ -352,70 +562,131 @@ class EventRun:
         self.printer.message(summary_table(result))
         return result
 
+    def _stop_starting(self) -> bool:
+        return self.cancel.is_set() or self.budget.stopped is not None
+
     def _run_hosts(self) -> None:
-        parallel = max(1, min(self.plan.request.parallel or self.plan.settings.parallel, len(self.plan.targets)))
-        # The first `parallel` hosts start at once: mark them running in one transaction, instead
-        # of one per host with every thread queueing on the database at the same moment.
-        self._started_together = {r.execution_id for r in self.results[:parallel]}
-        self.recorder.hosts_running(list(self._started_together))
+        plan = self.plan
+        biggest = max((len(b) for b in plan.batches), default=1)
+        parallel = max(1, min(plan.request.parallel or plan.settings.parallel, biggest))
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cronium-host") as pool:
-            pending: set[Future[None]] = {pool.submit(self._host, i) for i in range(len(self.plan.targets))}
-            while pending:
-                try:
-                    _done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                except KeyboardInterrupt:
-                    self.cancel.by_signal("SIGINT")
-                if self.cancel.is_set():
-                    for f in pending:
-                        f.cancel()  # hosts not started yet never start
-        for res in self.results:  # hosts whose turn never came
-            if res.runner_cached is None and res.status == "cancelled" and res.error is None:
-                res.error = self.cancel.message("cancelled before start")
-                self._finish_host(res, None, None, None)
+            for number, batch in enumerate(plan.batches, 1):
+                if self._stop_starting():
+                    break
+                if len(plan.batches) > 1:
+                    self.printer.message(f"batch {number}/{len(plan.batches)}: {len(batch)} "
+                                         f"host{'s' if len(batch) != 1 else ''}")
+                self._run_batch(pool, batch, parallel)
+        self._end_not_started()
+
+    def _run_batch(self, pool: ThreadPoolExecutor, batch: range, parallel: int) -> None:
+        """The hosts of one batch, ``parallel`` at a time; returns when all that started ended.
+        A host starts only while the budget allows it (and the run is not cancelled)."""
+        waiting = deque(batch)
+        first = [waiting.popleft() for _ in range(min(parallel, len(waiting)))]
+        # The first hosts start at once: mark them running in one transaction, instead of one per
+        # host with every thread queueing on the database at the same moment.
+        self.recorder.hosts_running([self.results[i].execution_id for i in first])
+        running: set[Future[None]] = {self._start(pool, i, marked=True) for i in first}
+        while running:
+            try:
+                _done, running = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                self.cancel.by_signal("SIGINT")
+            while waiting and len(running) < parallel and not self._stop_starting():
+                running.add(self._start(pool, waiting.popleft(), marked=False))
+
+    def _start(self, pool: ThreadPoolExecutor, i: int, *, marked: bool) -> Future[None]:
+        self._started.add(i)
+        return pool.submit(self._host, i, marked)
+
+    def _end_not_started(self) -> None:
+        """Hosts whose turn never came: ``cancelled`` (a signal) or ``skipped`` (the budget)."""
+        left = [r for i, r in enumerate(self.results) if i not in self._started]
+        if not left:
+            return
+        status: HostStatus
+        if self.cancel.is_set():
+            status, reason = "cancelled", self.cancel.message("cancelled before start")
+        else:
+            status, reason = "skipped", f"not started: {self.budget.stopped or 'the run stopped'}"
+        for res in left:
+            res.status, res.error = status, reason
+        self.recorder.hosts_not_started([r.execution_id for r in left], status, reason)
+        for res in left:
+            self.printer.host_finished(res.name, res.status)
+            if self.on_host_done is not None:
+                self.on_host_done(res)
 
     # -- one host -----------------------------------------------------------------------------
-    def _host(self, i: int) -> None:
+    def _host(self, i: int, marked: bool) -> None:
         res = self.results[i]
         try:
             if self.connection_slots is None:
-                self._run_host(self.plan.targets[i], res)
+                self._run_host(i, self.plan.targets[i], res, marked)
             else:
                 with self.connection_slots:
-                    self._run_host(self.plan.targets[i], res)
+                    self._run_host(i, self.plan.targets[i], res, marked)
         except Exception as exc:  # never lose a host's row because of a bug: record it, minimally
             res.status, res.error_kind = "failure", "internal"
             res.error = f"internal error: {type(exc).__name__}: {exc}"[:2000]
             log.debug("host %s: internal error", res.name, exc_info=True)
             self.recorder.host_failed(res.execution_id, res.error)
+        reason = self.budget.record(res.status)
+        if reason is not None and any(j not in self._started for j in range(len(self.results))):
+            self.printer.message(f"stopping: {reason}; running hosts finish, no new host starts")
+        self.printer.host_finished(res.name, res.status)
         if self.on_host_done is not None:
             self.on_host_done(res)
 
-    def _run_host(self, target: Target, res: HostResult) -> None:
+    def _run_host(self, i: int, target: Target, res: HostResult, marked: bool) -> None:
         if self.cancel.is_set():
             res.status, res.error = "cancelled", self.cancel.message("cancelled before start")
             self._finish_host(res, None, None, None)
             return
         t0 = time.monotonic()
         started = utcnow()
-        if res.execution_id not in self._started_together:
+        if not marked:
             self.recorder.hosts_running([res.execution_id])
+        self.printer.host_started(target.name)
         # The runner enforces output_cap and says what it dropped (head, a marker, tail); ours only
         # bounds memory against a runner that does not, with room for its marker: one cap, one marker.
         cap = self.plan.request.output_cap + CAP_SLACK
         stdout, stderr = CappedBuffer(cap), CappedBuffer(cap)
+        files = HostFiles(self.plan.output_dir, self._files[i]) if self.plan.output_dir and self._files else None
 
         def on_record(kind: str, ts: float, data: bytes) -> None:
             (stdout if kind == "stdout" else stderr).add(data)
+            if files is not None:
+                files.write(kind, data)
             self.printer.feed(target.name, kind, data)
 
+        try:
+            run, phases, deployment, connected = self._connect_and_run(target, res, started, on_record)
+        finally:
+            if files is not None:
+                files.close()
+        self.printer.flush(target.name)
+        res.stdout, res.stderr = stdout.text(), stderr.text()
+        if res.status == "failure" and res.error is None:
+            res.error = failure_reason(res.exit_code, res.signal, res.stderr)
+        res.duration_ms = int((time.monotonic() - t0) * 1000)
+        self._finish_host(res, run, phases, deployment)
+
+    def _connect_and_run(self, target: Target, res: HostResult, started: datetime,
+                         on_record: Callable[[str, float, bytes], None]
+                         ) -> tuple[HostRun | None, dict[str, datetime | None], Deployment | None, datetime | None]:
         connected: datetime | None = None
         run: HostRun | None = None
         deployment: Deployment | None = None
         try:
-            conn = open_connection(target.host, self.plan.ssh)
+            conn, res.connect_attempts = connect(target.host, self.plan.ssh, retries=self.plan.control.connect_retries,
+                                                 cancel=self.cancel.event)
         except RemoteError as exc:
-            res.status = "unreachable"
+            res.status, res.connect_attempts = "unreachable", exc.attempts
             res.error, res.error_kind = str(exc), exc.kind
+            if self.cancel.is_set() and exc.kind in ("connection-refused", "connection-reset", "timeout"):
+                res.status, res.error = "cancelled", self.cancel.message(f"cancelled while connecting ({exc})")
         else:
             connected = utcnow()
             try:
@@ -441,12 +712,7 @@ class EventRun:
                     runner_path=f"${{XDG_CACHE_HOME:-~/.cache}}/cronium/{runner_file_name(self.plan.runner.sha256)}",
                     checksum=self.plan.runner.sha256, installed=run.runner_installed,
                     ok=run.error_kind != "runner-install-failed")
-        self.printer.flush(target.name)
-        res.stdout, res.stderr = stdout.text(), stderr.text()
-        if res.status == "failure" and res.error is None:
-            res.error = failure_reason(res.exit_code, res.signal, res.stderr)
-        res.duration_ms = int((time.monotonic() - t0) * 1000)
-        self._finish_host(res, run, _phase_times(run, started, connected), deployment)
+        return run, _phase_times(run, started, connected), deployment, connected
 
     @contextmanager
     def _helpers_for(self, conn: Any, target: Target, res: HostResult, started: datetime
@@ -502,7 +768,9 @@ class EventRun:
             "helper_mode": "api" if api_header else "bundled",
             "env": event.env, "variables": plan.variables, "input": self.ctx.input,
             "timeout": plan.timeout, "kill_grace": KILL_GRACE, "limits": {},
-            "output_cap": plan.request.output_cap, "keep_workdir": plan.request.keep_workdir,
+            # --output-dir keeps all of it: the runner streams everything, the records keep the tail
+            "output_cap": FULL_OUTPUT_CAP if plan.output_dir else plan.request.output_cap,
+            "keep_workdir": plan.request.keep_workdir,
         }
         if api_header:
             header["api"] = api_header

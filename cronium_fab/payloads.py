@@ -248,6 +248,14 @@ class PayloadStore:
         event = get_event(session, event_id)
         return not self._current(active_payload_row(session, event_id), content_for_event(event))
 
+    def payload_state(self, event_id: int) -> tuple[int | None, bool]:
+        """The active payload's version (None: none built) and whether it holds the event's
+        current script, without building anything (``run-event --plan``)."""
+        with self.db.session() as s:
+            expected = content_for_event(get_event(s, event_id))
+            row = active_payload_row(s, event_id)
+        return (row.event_version if row is not None else None), self._current(row, expected)
+
     def load_verified(self, event_id: int, *, _retry: bool = True) -> VerifiedPayload:
         """The event's active payload, rebuilt first when stale, with its signature verified."""
         with self.db.session() as s:

@@ -27,18 +27,35 @@ from .db.queries import ResolvedEvent, encode_variable
 from .errors import CroniumFabError
 from .results import HostResult, HostStatus, RunResult, RunStatus
 
-ExecStatus = Literal["queued", "running", "completed", "failed", "timeout", "cancelled"]
+ExecStatus = Literal["queued", "running", "completed", "failed", "timeout", "cancelled", "skipped"]
 JobStatus = Literal["queued", "claimed", "running", "completed", "failed", "cancelled"]
 LogStatus = Literal["PENDING", "RUNNING", "SUCCESS", "FAILURE", "TIMEOUT", "PARTIAL"]
 
-# host state -> executions.status
+# host state -> executions.status (a varchar in Cronium: ``skipped`` is ours, for hosts the
+# failure budget kept from starting); the exact host state is also in execution_metadata.host_status
 EXEC_STATUS: dict[HostStatus, ExecStatus] = {
-    "success": "completed", "failure": "failed", "timeout": "timeout", "unreachable": "failed", "cancelled": "cancelled"}
-# run status -> jobs.status and logs.status, as Cronium maps them (logs.status has no CANCELLED)
+    "success": "completed", "failure": "failed", "timeout": "timeout", "unreachable": "failed", "cancelled": "cancelled",
+    "skipped": "skipped"}
+# run status -> jobs.status and logs.status, as Cronium maps them (logs.status has no CANCELLED and
+# no STOPPED: a run the failure budget stopped did not do what it was asked, so it is a FAILURE,
+# and logs.error says why)
 JOB_STATUS: dict[RunStatus, JobStatus] = {
-    "SUCCESS": "completed", "PARTIAL": "completed", "FAILURE": "failed", "TIMEOUT": "failed", "CANCELLED": "cancelled"}
+    "SUCCESS": "completed", "PARTIAL": "completed", "FAILURE": "failed", "TIMEOUT": "failed", "CANCELLED": "cancelled",
+    "STOPPED": "failed"}
 LOG_STATUS: dict[RunStatus, LogStatus] = {
-    "SUCCESS": "SUCCESS", "PARTIAL": "PARTIAL", "FAILURE": "FAILURE", "TIMEOUT": "TIMEOUT", "CANCELLED": "FAILURE"}
+    "SUCCESS": "SUCCESS", "PARTIAL": "PARTIAL", "FAILURE": "FAILURE", "TIMEOUT": "TIMEOUT", "CANCELLED": "FAILURE",
+    "STOPPED": "FAILURE"}
+# executions.status -> host state, for rows that do not record host_status (written by others)
+HOST_STATE_OF_EXEC: dict[str, HostStatus] = {
+    "completed": "success", "failed": "failure", "timeout": "timeout", "cancelled": "cancelled", "skipped": "skipped"}
+
+
+def host_state_of(exec_status: str, recorded: object) -> str:
+    """A stored host's state: the ``host_status`` we recorded, else read from executions.status
+    (``queued``/``running`` stay as they are: that host has not ended)."""
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    return HOST_STATE_OF_EXEC.get(exec_status, exec_status)
 
 
 class JobNotFound(CroniumFabError):
@@ -54,11 +71,12 @@ def new_job_id() -> str:
 
 
 def hand_run_payload(event: ResolvedEvent, server_ids: Sequence[int | None], input_data: Any,
-                     timeout_s: float | None) -> dict[str, Any]:
+                     timeout_s: float | None, fleet: dict[str, Any] | None = None) -> dict[str, Any]:
     """``jobs.payload`` for a run that no Cronium job asked for, shaped as the app's job payload
     builder makes it, so Cronium's UI shows the job like its own. ``target.serverId`` is the first
     server, as the app writes it; ``target.serverIds`` lists them all (ours: the app has no
-    multi-server shape). Env var values are left out: a job row is no place for secrets."""
+    multi-server shape). Env var values are left out: a job row is no place for secrets. ``fleet``:
+    the run control that differs from the defaults (``control.RunControl.to_payload``)."""
     registered = [sid for sid in server_ids if sid is not None]
     target: dict[str, Any] = {"serverId": registered[0]} if registered else {}
     if len(server_ids) > 1 or len(registered) < len(server_ids):
@@ -75,6 +93,8 @@ def hand_run_payload(event: ResolvedEvent, server_ids: Sequence[int | None], inp
     }
     if event.retries:
         payload["retries"] = event.retries
+    if fleet:
+        payload["fleet"] = fleet
     return payload
 
 
@@ -233,10 +253,10 @@ class RunRecorder:
     # -- start -----------------------------------------------------------------------------
     def start(self, *, event_id: int, event_name: str, event_type: str, user_id: str,
               job_id: str | None, input_data: Any, new_job_payload: dict[str, Any] | None = None,
-              triggered_by: str = "manual") -> JobContext:
+              triggered_by: str = "manual", metadata: dict[str, Any] | None = None) -> JobContext:
         """The run's ``jobs`` row (Cronium's, with ``job_id``; else a new one, as the app writes
-        it: payload ``new_job_payload``, metadata ``{eventName, triggeredBy, logId}``) and its
-        ``logs`` row, both ``running``/``RUNNING``."""
+        it: payload ``new_job_payload``, metadata ``{eventName, triggeredBy, logId}`` plus
+        ``metadata``, e.g. ``rerunOf``) and its ``logs`` row, both ``running``/``RUNNING``."""
         now = utcnow()
         with self.db.session() as s:
             if job_id is not None:
@@ -257,7 +277,8 @@ class RunRecorder:
                 job_id = new_job_id()
                 payload = dict(new_job_payload or {"input": input_data, "script": {"type": event_type}})
                 job = Job(id=job_id, event_id=event_id, user_id=user_id, type="SCRIPT", status="queued",
-                          payload=payload, metadata_={"eventName": event_name, "triggeredBy": triggered_by},
+                          payload=payload,
+                          metadata_={"eventName": event_name, "triggeredBy": triggered_by, **(metadata or {})},
                           scheduled_for=now, created_at=now)
                 s.add(job)
                 created = True
@@ -306,6 +327,17 @@ class RunRecorder:
             s.execute(update(Execution).where(Execution.id.in_(execution_ids), Execution.status == "queued")
                       .values(status="running", started_at=now, setup_started_at=now, updated_at=now))
 
+    def hosts_not_started(self, execution_ids: list[str], status: HostStatus, reason: str) -> None:
+        """Hosts that never started (``skipped`` by the failure budget, ``cancelled`` before their
+        turn) end in one UPDATE, whatever their number."""
+        if not execution_ids:
+            return
+        now = utcnow()
+        with self._lock, self.db.session() as s:
+            s.execute(update(Execution).where(Execution.id.in_(execution_ids), Execution.status == "queued")
+                      .values(status=EXEC_STATUS[status], error=clean_text(reason), completed_at=now, updated_at=now,
+                              execution_metadata={"host_status": status, "connect_attempts": 0}))
+
     # -- per host --------------------------------------------------------------------------
     def host_finished(self, res: HostResult, *, phases: dict[str, datetime | None], user_id: str,
                       write_variables: bool, deployment: Deployment | None = None) -> None:
@@ -316,6 +348,7 @@ class RunRecorder:
             "runner_cached": res.runner_cached, "helper_mode": res.helper_mode,
             "helper_mode_note": res.helper_mode_note, "output": res.output, "condition": res.condition,
             "variables": res.variables, "signal": res.signal, "error_kind": res.error_kind,
+            "host_status": res.status, "batch": res.batch, "connect_attempts": res.connect_attempts,
         }
         variables = res.variables
         with self._lock, self.db.session() as s:
@@ -379,10 +412,9 @@ class RunRecorder:
         the event's counters; a host row a bug left open is closed as failed."""
         now = utcnow()
         hosts = result.hosts
-        failures = [r for r in hosts if r.status != "success"]
         status = result.status
         output = clean_text(log_output(hosts)) or ""
-        error = clean_text("; ".join(f"{r.name}: {r.error or r.status}" for r in failures) or None)
+        error = clean_text(run_error(result))
         open_executions = [r.execution_id for r in hosts]
         duration_ms, setup_ms = result.duration_ms, None
         execution_ms = max((r.duration_ms for r in hosts), default=0)
@@ -478,6 +510,17 @@ def run_exit_code(results: list[HostResult]) -> int:
     if not codes:
         return 0
     return next((c for c in codes if c), 1)
+
+
+def run_error(result: RunResult) -> str | None:
+    """``logs.error`` / ``jobs.last_error``: why the budget stopped the run, each host that failed
+    and why, and the hosts that never started (once, however many)."""
+    parts = [f"stopped: {result.stopped}"] if result.stopped else []
+    parts += [f"{r.name}: {r.error or r.status}" for r in result.hosts if r.status not in ("success", "skipped")]
+    skipped = [r.name for r in result.hosts if r.status == "skipped"]
+    if skipped:
+        parts.append(f"{len(skipped)} skipped (never started): {', '.join(skipped)}")
+    return "; ".join(parts) or None
 
 
 def log_output(results: list[HostResult]) -> str:

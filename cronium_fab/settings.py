@@ -62,6 +62,7 @@ class Settings:
     helper_mode: str = "auto"
     parallel: int = 32
     connect_timeout: float = 10.0
+    connect_retry_delay: float = 1.0  # before the first retry of a refused/reset/timed-out connect
     setup_timeout: float = 60.0
     keepalive: float = 5.0
     # the controller gives up on a host this long after the runner's own timeout + kill grace should
@@ -87,6 +88,7 @@ class Settings:
             helper_mode=os.environ.get("CRONIUM_FAB_HELPER_MODE") or "auto",
             parallel=_env_int("CRONIUM_FAB_PARALLEL", 32),
             connect_timeout=_env_float("CRONIUM_FAB_CONNECT_TIMEOUT", 10.0),
+            connect_retry_delay=_env_float("CRONIUM_FAB_CONNECT_RETRY_DELAY", 1.0),
             setup_timeout=_env_float("CRONIUM_FAB_SETUP_TIMEOUT", 60.0),
             watchdog_margin=_env_float("CRONIUM_FAB_WATCHDOG_MARGIN", 30.0),
             api_secret=os.environ.get("CRONIUM_FAB_API_SECRET") or None,

@@ -1,9 +1,11 @@
-"""Reading Cronium's data: one event with its servers, env vars and the user's variables."""
+"""Reading Cronium's data: one event with its servers, env vars and the user's variables; a job's
+payload; past runs (``logs`` with their ``executions``) for ``runs``, ``show`` and ``rerun``."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import or_, select
@@ -11,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import EventNotFound, EventNotRunnable, NoServers
 from .crypto import decrypt, load_key
-from .models import EnvVar, Event, EventServer, Server, UserVariable
+from .models import EnvVar, Event, EventServer, Execution, Job, Log, Server, UserVariable
 
 SCRIPT_TYPES = {"BASH": "bash", "PYTHON": "python", "NODEJS": "node", "NODE": "node"}
 REFUSED_TYPES = {"HTTP_REQUEST", "TOOL_ACTION"}
@@ -201,3 +203,104 @@ def encode_variable(value: Any) -> str:
 def user_variables(session: Session, user_id: str) -> dict[str, Any]:
     rows = session.scalars(select(UserVariable).where(UserVariable.user_id == user_id)).all()
     return {row.key: decode_variable(row.value) for row in rows}
+
+
+def get_server(session: Session, server_id: int) -> Server | None:
+    return session.get(Server, server_id)
+
+
+def job_payload(session: Session, job_id: str) -> Any:
+    """A job's ``payload`` (None when there is no such job: the run's start reports that)."""
+    return session.scalars(select(Job.payload).where(Job.id == job_id)).first()
+
+
+# -- past runs ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoredHost:
+    """One ``executions`` row of a past run. ``host_status`` is the exact state we recorded
+    (None in rows others wrote: then only ``exec_status`` tells)."""
+
+    execution_id: str
+    server_id: int | None
+    name: str
+    address: str | None
+    exec_status: str
+    host_status: str | None
+    exit_code: int | None
+    error: str | None
+    error_kind: str | None
+    output: str | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    duration_ms: int | None
+    index: int | None
+    batch: int | None
+    connect_attempts: int | None
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """One ``logs`` row (a run) with its job's run status and input and, when asked, its hosts."""
+
+    log_id: int
+    event_id: int | None
+    event_name: str | None
+    log_status: str
+    run_status: str | None  # jobs.result.status: ours, finer than logs.status (STOPPED, CANCELLED)
+    job_id: str | None
+    start_time: datetime | None
+    end_time: datetime | None
+    duration_ms: int | None
+    error: str | None
+    input: Any
+    rerun_of: int | None
+    hosts: list[StoredHost] = field(default_factory=list)
+    # (executions.status, recorded host_status) of each host, for counting (``stored_runs``)
+    states: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+_RUN_COLUMNS = (Log.id, Log.event_id, Log.event_name, Log.status, Job.result["status"].as_string(), Log.job_id,
+                Log.start_time, Log.end_time, Log.duration, Log.error, Job.payload["input"],
+                Job.metadata_["rerunOf"].as_string())
+
+
+def _run_of(row: Any) -> StoredRun:
+    rerun = row[11]
+    return StoredRun(log_id=row[0], event_id=row[1], event_name=row[2], log_status=row[3], run_status=row[4],
+                     job_id=row[5], start_time=row[6], end_time=row[7], duration_ms=row[8], error=row[9],
+                     input=row[10], rerun_of=int(rerun) if rerun and str(rerun).isdigit() else None)
+
+
+def stored_runs(session: Session, *, event_id: int | None = None, limit: int = 20) -> list[StoredRun]:
+    """The latest runs (newest first), each with the states of its hosts (no output read)."""
+    query = select(*_RUN_COLUMNS).outerjoin(Job, Job.id == Log.job_id).order_by(Log.id.desc()).limit(limit)
+    if event_id is not None:
+        query = query.where(Log.event_id == event_id)
+    runs = [_run_of(row) for row in session.execute(query)]
+    by_job = {r.job_id: r for r in runs if r.job_id}
+    if by_job:
+        states = select(Execution.job_id, Execution.status, Execution.execution_metadata["host_status"].as_string())
+        for job_id, status, host_status in session.execute(states.where(Execution.job_id.in_(list(by_job)))):
+            by_job[job_id].states.append((status, host_status))
+    return runs
+
+
+def stored_run(session: Session, log_id: int) -> StoredRun | None:
+    """One run with all its hosts, in the run's host order (the order they were listed in)."""
+    row = session.execute(select(*_RUN_COLUMNS).outerjoin(Job, Job.id == Log.job_id).where(Log.id == log_id)).first()
+    if row is None:
+        return None
+    run = _run_of(row)
+    if run.job_id is None:
+        return run
+    for e in session.scalars(select(Execution).where(Execution.job_id == run.job_id)):
+        meta, live = dict(e.metadata_ or {}), dict(e.execution_metadata or {})
+        run.hosts.append(StoredHost(
+            execution_id=e.id, server_id=e.server_id, name=e.server_name or e.id, address=meta.get("host"),
+            exec_status=e.status, host_status=live.get("host_status"), exit_code=e.exit_code, error=e.error,
+            error_kind=live.get("error_kind"), output=e.output, started_at=e.started_at, completed_at=e.completed_at,
+            duration_ms=e.total_duration, index=meta.get("index"), batch=live.get("batch", meta.get("batch")),
+            connect_attempts=live.get("connect_attempts")))
+    run.hosts.sort(key=lambda h: (h.index is None, h.index if h.index is not None else 0, h.server_id or 0, h.name))
+    return run

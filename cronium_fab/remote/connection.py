@@ -8,7 +8,8 @@ What Fabric does not do by default and we do here:
   socket before the key exchange (Paramiko never sets it: ~44 ms vs ~3 ms per exec round trip);
 - each Connection gets its own ``fabric.Config`` and ``connect_kwargs`` (a shared Config makes
   ``key_filename`` grow by one entry per connection);
-- failures are typed (``HostUnreachable``, ``AuthRefused``, ``HostKeyChanged``, ``HostKeyUnknown``).
+- failures are typed (``HostUnreachable``, ``AuthRefused``, ``HostKeyChanged``, ``HostKeyUnknown``);
+  ``connect`` tries a transient failure (refused, reset, timed out) again, with jitter.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import random
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -26,12 +28,22 @@ import fabric
 import paramiko
 
 from ..errors import ConfigError
-from .errors import AuthRefused, HostKeyChanged, HostKeyUnknown, HostUnreachable, KeyInvalid, RemoteError
+from .errors import (
+    TRANSIENT_CONNECT,
+    AuthRefused,
+    HostKeyChanged,
+    HostKeyUnknown,
+    HostUnreachable,
+    KeyInvalid,
+    RemoteError,
+)
 from .known_hosts import KnownHostsStore, fingerprint, host_entry_name
 
 log = logging.getLogger("cronium_fab.remote")
 
-HostKeyPolicy = Literal["strict", "accept-new"]
+# ``accept-once`` (not a user setting): an unknown key is accepted for this one connection and
+# never recorded; the connection's ``first_contact`` says so (``run-event --plan`` looks with it)
+HostKeyPolicy = Literal["strict", "accept-new", "accept-once"]
 
 
 def default_known_hosts_path() -> Path:
@@ -68,6 +80,7 @@ class SSHSettings:
     auth_timeout: float = 15.0
     keepalive_interval: int = 15  # seconds; 0 disables
     ssh_config_path: Path | None = None  # None: ~/.ssh/config
+    retry_delay: float = 1.0  # before the first connect retry (doubling, jittered)
 
     def store(self) -> KnownHostsStore:
         return _store_for(self.known_hosts_path, self.system_known_hosts)
@@ -118,10 +131,11 @@ def load_private_key(text: str, passphrase: str | None = None, *, host: str | No
 class _VerifyPolicy(paramiko.MissingHostKeyPolicy):
     """Called by Paramiko when no key of the offered type is known for the host."""
 
-    def __init__(self, store: KnownHostsStore, policy: HostKeyPolicy, display: str) -> None:
+    def __init__(self, store: KnownHostsStore, policy: HostKeyPolicy, display: str, conn: _Connection) -> None:
         self.store = store
         self.policy = policy
         self.display = display
+        self.conn = conn
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         fp = fingerprint(key)
@@ -136,6 +150,9 @@ class _VerifyPolicy(paramiko.MissingHostKeyPolicy):
                 expected_fingerprint=next(fingerprint(k) for k in known.values()),
                 actual_fingerprint=fp,
             )
+        self.conn.first_contact = f"{key.get_name()} {fp}"
+        if self.policy == "accept-once":
+            return
         if self.policy == "accept-new":
             self.store.add(hostname, key)
             log.warning("host %s (%s): first contact, recorded %s key %s in %s",
@@ -203,6 +220,9 @@ def _tcp_connect(host: str, port: int, timeout: float, display: str) -> socket.s
         raise HostUnreachable(
             "connection-refused", f"host {display}: connection refused at {host}:{port} (is sshd running?)", host=display
         ) from e
+    except ConnectionResetError as e:
+        raise HostUnreachable("connection-reset", f"host {display}: connection reset at {host}:{port}",
+                              host=display) from e
     except TimeoutError as e:
         raise HostUnreachable(
             "timeout", f"host {display}: no TCP connection to {host}:{port} within {timeout:g} s", host=display
@@ -271,6 +291,8 @@ def destination_problem(host: str, settings: SSHSettings | None = None) -> str |
 class _Connection(fabric.Connection):
     """A Connection that also closes its jump host (Fabric leaves a ProxyJump gateway open)."""
 
+    first_contact: str | None = None  # the key type and fingerprint of a host key we did not know
+
     def close(self) -> None:
         super().close()
         if isinstance(self.gateway, fabric.Connection):
@@ -319,7 +341,7 @@ def open_connection(target: HostTarget, settings: SSHSettings | None = None, *,
     entry = host_entry_name(conn.host, conn.port)
     for key_type, key in store.lookup(entry).items():
         conn.client.get_host_keys().add(entry, key_type, key)
-    conn.client.set_missing_host_key_policy(_VerifyPolicy(store, settings.host_key_policy, display))
+    conn.client.set_missing_host_key_policy(_VerifyPolicy(store, settings.host_key_policy, display, conn))
     if not conn.gateway:
         conn.connect_kwargs["sock"] = _tcp_connect(conn.host, conn.port, settings.connect_timeout, display)
     try:
@@ -358,7 +380,10 @@ def open_connection(target: HostTarget, settings: SSHSettings | None = None, *,
                               host=display) from e
     except (EOFError, ConnectionError) as e:
         conn.close()
-        raise HostUnreachable("handshake", f"host {display}: SSH handshake with {conn.host}:{conn.port} failed: {e}",
+        kind = _handshake_failure_kind(e)
+        what = {"connection-reset": "the server closed or reset the connection during the SSH handshake",
+                "timeout": "the SSH handshake timed out"}.get(kind, "SSH handshake failed")
+        raise HostUnreachable(kind, f"host {display}: {what} with {conn.host}:{conn.port}: {e or type(e).__name__}",
                               host=display) from e
     except OSError as e:
         conn.close()
@@ -368,6 +393,44 @@ def open_connection(target: HostTarget, settings: SSHSettings | None = None, *,
     if settings.keepalive_interval:
         transport.set_keepalive(settings.keepalive_interval)
     return conn
+
+
+def _handshake_failure_kind(e: BaseException) -> str:
+    """``connection-reset`` when the peer went away mid-handshake (sshd at its MaxStartups, a
+    restarting host, a middlebox), ``timeout`` when it never answered, else ``handshake``.
+    Paramiko wraps the socket's error in an SSHException while it reads the banner."""
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, EOFError | ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+            return "connection-reset"
+        if isinstance(err, TimeoutError):
+            return "timeout"
+    return "handshake"
+
+
+def connect(target: HostTarget, settings: SSHSettings | None = None, *, retries: int = 1,
+            cancel: threading.Event | None = None) -> tuple[fabric.Connection, int]:
+    """``open_connection`` that tries a transient failure (``TRANSIENT_CONNECT``: refused, reset,
+    timed out) up to ``retries`` more times, waiting about ``retry_delay`` s, then twice that, ...
+    (each wait jittered between half and all of it, so a fleet that lost its network does not
+    come back in lockstep). Returns the connection and how many attempts it took; the error of
+    the last attempt says how many there were (``attempts`` on it). ``cancel`` ends the waiting."""
+    settings = settings or SSHSettings()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return open_connection(target, settings), attempt
+        except RemoteError as exc:
+            exc.attempts = attempt
+            if exc.kind not in TRANSIENT_CONNECT or attempt > retries:
+                if attempt > 1:
+                    exc.message = f"{exc.message} (after {attempt} attempts)"
+                    exc.args = (exc.message,)
+                raise
+            wait = settings.retry_delay * 2 ** (attempt - 1)
+            log.info("host %s: %s; trying again in about %.1f s", target.name, exc.kind, wait)
+            if (cancel or threading.Event()).wait(random.uniform(wait / 2, wait)):
+                raise
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from ..errors import EXIT_FAILURE, CroniumFabError
 # Why a host failed, as the controller tells it (``HostResult.error_kind``; a runner that delivered
 # its result may report kinds of its own, e.g. ``timeout`` or ``internal``).
 ErrorKind = Literal[
-    "connection-refused", "timeout", "dns", "network", "handshake",        # HostUnreachable
+    "connection-refused", "connection-reset", "timeout", "dns", "network", "handshake",  # HostUnreachable
     "auth-refused", "key-invalid", "host-key-unknown", "host-key-changed",
     "python-missing", "python-too-old", "runner-install-failed",            # the runner's bootstrap
     "setup-timeout", "watchdog-timeout", "disconnected", "cancelled",       # a run that ended early
@@ -18,6 +18,9 @@ ErrorKind = Literal[
 ]
 # a peer we must never wait on again (frozen, gone, or stuck in set-up)
 DEAD_PEER: frozenset[ErrorKind] = frozenset({"watchdog-timeout", "disconnected", "setup-timeout"})
+# a connect that failed this way may work a moment later: tried again (``--connect-retries``); an
+# auth refusal, a host key problem or anything after the connection was up never is
+TRANSIENT_CONNECT: frozenset[ErrorKind] = frozenset({"connection-refused", "connection-reset", "timeout"})
 # the runner never started, so no runner is deployed there
 NO_RUNNER: frozenset[ErrorKind] = frozenset({"python-missing", "python-too-old"})
 
@@ -34,10 +37,12 @@ class RemoteError(CroniumFabError):
         self.kind = kind
         self.message = message
         self.host = host
+        self.attempts = 1  # connect attempts made (``connection.connect`` retries transient failures)
 
 
 class HostUnreachable(RemoteError):
-    """No SSH session could be set up: kind is ``connection-refused``, ``timeout``, ``dns``,
+    """No SSH session could be set up: kind is ``connection-refused``, ``connection-reset`` (the
+    peer reset or closed the connection before the SSH handshake ended), ``timeout``, ``dns``,
     ``network`` or ``handshake`` (TCP worked but the SSH banner/key exchange did not)."""
 
 

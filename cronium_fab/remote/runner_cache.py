@@ -12,50 +12,65 @@ import re
 
 # Runs under whatever python3 the host has, so it must parse on old versions (no f-strings) and
 # contain no single quote (it travels inside '...' in the shell command). argv: path, sha, args...
-BOOT = """\
+_HEAD = """\
 import sys
 sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 import os, stat, hashlib
+"""
+# Whether the runner at p is ours: a regular file of this user, in a directory of this user,
+# neither writable by group/other, whose sha256 is want. Shared by BOOT and PROBE.
+_CACHED = """\
+def cached(p, want):
+    try:
+        dst = os.stat(os.path.dirname(p))
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        if dst.st_uid != os.getuid() or dst.st_mode & 0o022:
+            return False
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return False
+        h = hashlib.sha256()
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            h.update(b)
+        return h.hexdigest() == want
+    finally:
+        os.close(fd)
+"""
+BOOT = _HEAD + """\
 if sys.version_info < (3, 8):
     sys.stdout.write("CRONIUM-PYTHON-TOO-OLD %d.%d.%d\\n" % tuple(sys.version_info[:3]))
     sys.exit(0)
+""" + _CACHED + """\
 p, want = sys.argv[1], sys.argv[2]
-def miss():
+if not cached(p, want):
     sys.stdout.write("CRONIUM-RUNNER-MISS\\n")
     sys.stdout.flush()
     os._exit(0)
-try:
-    dst = os.stat(os.path.dirname(p))
-    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-except OSError:
-    miss()
-if dst.st_uid != os.getuid() or dst.st_mode & 0o022:
-    miss()
-st = os.fstat(fd)
-if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-    miss()
-h = hashlib.sha256()
-while True:
-    b = os.read(fd, 1 << 20)
-    if not b:
-        break
-    h.update(b)
-os.close(fd)
-if h.hexdigest() != want:
-    miss()
 sys.argv = [p] + sys.argv[3:]
 sys.path.insert(0, p)
 import zipimport
 g = {"__name__": "__main__", "__file__": p + "/__main__.py", "__builtins__": __builtins__}
 exec(zipimport.zipimporter(p).get_code("__main__"), g)
 """
+# `run-event --plan`: the host's python3 version and whether the runner is cached; runs nothing else.
+PROBE = _HEAD + _CACHED + """\
+v = tuple(sys.version_info[:3])
+sys.stdout.write("CRONIUM-PROBE %d.%d.%d %s\\n" % (v + ("cached" if cached(sys.argv[1], sys.argv[2]) else "miss",)))
+"""
+PROBE_RE = re.compile(r"CRONIUM-PROBE (\d+)\.(\d+)\.(\d+) (cached|miss)")
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 CACHE_DIR_SH = '"${XDG_CACHE_HOME:-$HOME/.cache}/cronium"'
 INSTALLED = "CRONIUM-INSTALLED"
 
-assert "'" not in BOOT
+assert "'" not in BOOT and "'" not in PROBE
 
 
 def _check_sha(sha256: str) -> str:
@@ -97,4 +112,13 @@ def install_command(sha256: str) -> str:
         "chmod 0600 \"$t\" || exit 1; "
         f"mv -f \"$t\" \"$d/runner-{sha}.pyz\" || exit 1; "
         f"echo {INSTALLED}"
+    )
+
+
+def probe_command(sha256: str) -> str:
+    """The host's python3 (``CRONIUM-PROBE x.y.z cached|miss``, or ``CRONIUM-NO-PYTHON``)."""
+    sha = _check_sha(sha256)
+    return (
+        f"d={CACHE_DIR_SH}; command -v python3 >/dev/null 2>&1 || {{ echo CRONIUM-NO-PYTHON; exit 0; }}; "
+        f"exec python3 -I -S -c '{PROBE}' \"$d/runner-{sha}.pyz\" {sha}"
     )

@@ -34,7 +34,7 @@ from .protocol import (
     Record,
     encode_input,
 )
-from .runner_cache import INSTALLED, bootstrap_command, install_command
+from .runner_cache import INSTALLED, PROBE_RE, bootstrap_command, install_command, probe_command
 
 OnRecord = Callable[[str, float, bytes], None]
 """Called with ("stdout" | "stderr", the runner's unix timestamp, raw bytes) for each O/E record."""
@@ -337,3 +337,42 @@ def _install(transport: paramiko.Transport, runner: RunnerArtifact, run: HostRun
             f"runner install exited with {status}{_stderr_note(err)}",
         )
     run.runner_installed = True
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What ``probe_host`` saw: the host's python3 (None: none on PATH) and whether our runner is cached."""
+
+    python: tuple[int, int, int] | None
+    runner_cached: bool | None
+
+
+def probe_host(conn: fabric.Connection, runner_sha256: str, timeout_s: float = 30.0) -> Probe:
+    """One exec that runs no script and writes nothing: ``python3 --version`` and a look at the
+    runner cache, as the bootstrap would look (``runner_cache.PROBE``). Raises ``RuntimeError``
+    with the reason when the command fails or answers nothing we understand."""
+    transport = conn.transport
+    if transport is None or not transport.is_active():
+        raise RuntimeError("connection is not open")
+    deadline = time.monotonic() + timeout_s
+    try:
+        chan = transport.open_session(timeout=timeout_s)
+        chan.settimeout(max(0.1, deadline - time.monotonic()))
+        chan.exec_command(probe_command(runner_sha256))
+        chan.shutdown_write()
+        out = b""
+        while len(out) < 65536:
+            data = chan.recv(4096)
+            if not data:
+                break
+            out += data
+        chan.close()
+    except (paramiko.SSHException, OSError, EOFError) as e:
+        raise RuntimeError(f"the probe command failed: {e or type(e).__name__}") from e
+    text = out.decode("utf-8", "replace")
+    if NO_PYTHON in text:
+        return Probe(None, None)
+    m = PROBE_RE.search(text)
+    if m is None:
+        raise RuntimeError(f"the probe command printed nothing we know: {text.strip()[:200]!r}")
+    return Probe((int(m[1]), int(m[2]), int(m[3])), m[4] == "cached")

@@ -21,6 +21,18 @@ import pytest
         (["run-event", "--id", "1", "--host-key-policy", "yolo"], "host key policy 'yolo'"),
         (["payload-build", "--event", "x"], "--event needs an event id"),
         (["known-hosts-add", "127.0.0.1:notaport"], "port must be a number"),
+        (["run-event", "--id", "1", "--batch", "1,0"], "--batch (each batch size) needs a whole number"),
+        (["run-event", "--id", "1", "--max-failures", "x"], "--max-failures needs a whole number"),
+        (["run-event", "--id", "1", "--max-unreachable", "120%"], "up to 100%"),
+        (["run-event", "--id", "1", "--fail-fast", "--max-failures", "3"], "--fail-fast means a max-failures of 0"),
+        (["run-event", "--id", "1", "--connect-retries", "99"], "--connect-retries needs a whole number from 0 to 10"),
+        (["run-event", "--id", "1", "--plan", "--batch", "x"], "--batch"),
+        (["rerun", "x"], "LOG_ID needs a run's log id"),
+        (["rerun", "3", "--only", "some"], "--only must be one of all, failed, unreachable"),
+        (["rerun", "3", "--batch", "0%"], "--batch"),
+        (["show", "abc"], "LOG_ID needs a run's log id"),
+        (["runs", "--limit", "0"], "--limit needs"),
+        (["runs", "--event", "e"], "--event needs an event id"),
         (["run-event", "--id", "1", "--nope"], "No idea what '--nope' is"),   # a typo is not a FAILED run (1)
         (["bogus"], "No idea what 'bogus' is"),
     ],
@@ -74,3 +86,15 @@ def test_json_flag_typo_still_prints_one_document(tmp_path: Path) -> None:
     assert out.returncode == 2
     doc = json.loads(out.stdout)
     assert doc["status"] == "ERROR" and doc["exit_code"] == 2 and "--nope" in doc["error"]
+
+
+@pytest.mark.parametrize("args", [["rerun", "x", "--json"], ["show", "0", "--json"], ["runs", "--limit", "-", "--json"],
+                                  ["rerun", "1", "--json", "--nope"]])
+def test_every_json_command_prints_one_document_on_a_usage_error(args: list[str], tmp_path: Path) -> None:
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "cronium_fab", *args], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 2, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["status"] == "ERROR" and doc["exit_code"] == 2

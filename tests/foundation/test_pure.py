@@ -9,7 +9,15 @@ from http import HTTPStatus
 
 import pytest
 
-from cronium_fab.errors import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, EXIT_TIMEOUT, ConfigError
+from cronium_fab.errors import (
+    EXIT_CANCELLED,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_STOPPED,
+    EXIT_TIMEOUT,
+    ConfigError,
+)
 from cronium_fab.helper_api import ApiError, TokenBucket, match_route
 from cronium_fab.output import CappedBuffer, LivePrinter
 from cronium_fab.records import log_output, run_exit_code
@@ -42,11 +50,34 @@ def test_aggregate_status(states: list[str], cancelled: bool, want: str) -> None
     assert aggregate_status(states, cancelled) == want  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("states", "stopped", "want"), [
+    (["success", "failure", "skipped"], True, "STOPPED"),
+    (["failure", "skipped"], True, "STOPPED"),
+    (["success", "failure"], True, "PARTIAL"),       # the budget was exceeded, but nothing was left to start
+    (["failure", "failure"], True, "FAILURE"),
+])
+def test_aggregate_status_of_a_budget_stop(states: list[str], stopped: bool, want: str) -> None:
+    assert aggregate_status(states, stopped=stopped) == want  # type: ignore[arg-type]
+    assert aggregate_status(states, cancelled=True, stopped=stopped) == "CANCELLED"  # type: ignore[arg-type]
+
+
 def test_states_and_exit_codes() -> None:
-    assert HOST_STATES == ("success", "failure", "timeout", "unreachable", "cancelled")
+    assert HOST_STATES == ("success", "failure", "timeout", "unreachable", "cancelled", "skipped")
     codes = {s: RunResult(s, 1, "e", "j", 1, [], [], 0, 1).exit_code for s in RUN_STATES}
     assert codes == {"SUCCESS": EXIT_OK, "FAILURE": EXIT_FAILURE, "PARTIAL": EXIT_PARTIAL,
-                     "TIMEOUT": EXIT_TIMEOUT, "CANCELLED": EXIT_CANCELLED}
+                     "TIMEOUT": EXIT_TIMEOUT, "CANCELLED": EXIT_CANCELLED, "STOPPED": EXIT_STOPPED}
+
+
+def test_every_host_state_has_a_row_status_and_every_run_status_a_log_status() -> None:
+    from cronium_fab.records import EXEC_STATUS, HOST_STATE_OF_EXEC, JOB_STATUS, LOG_STATUS, host_state_of
+
+    assert set(EXEC_STATUS) == set(HOST_STATES) and set(JOB_STATUS) == set(LOG_STATUS) == set(RUN_STATES)
+    assert EXEC_STATUS["skipped"] == "skipped" and LOG_STATUS["STOPPED"] == "FAILURE"
+    assert set(LOG_STATUS.values()) <= {"SUCCESS", "FAILURE", "TIMEOUT", "PARTIAL"}   # Cronium's logs.status
+    for state, row in EXEC_STATUS.items():   # what we recorded wins; a row without it reads back roughly
+        assert host_state_of(row, state) == state
+        assert host_state_of(row, None) == HOST_STATE_OF_EXEC[row]
+    assert host_state_of("running", None) == "running"
 
 
 def test_summary_table_lists_hosts_errors_and_skipped() -> None:
@@ -59,14 +90,40 @@ def test_summary_table_lists_hosts_errors_and_skipped() -> None:
     lines = summary_table(result).splitlines()
     assert lines[0] == ""
     assert lines[1].split() == ["HOST", "STATUS", "EXIT", "DURATION", "RUNNER", "HELPERS"]
-    assert lines[2].split() == ["web1", "success", "0", "1.23s", "cached", "api"]
-    assert lines[3].split() == ["db-server", "unreachable", "-", "0.00s", "-", "-"]
+    assert lines[2].split() == ["db-server", "unreachable", "-", "0.00s", "-", "-"]   # failures first
+    assert lines[3].split() == ["web1", "success", "0", "1.23s", "cached", "api"]
     assert lines[4].split() == ["web2", "success", "0", "0.00s", "installed", "bundled*"]
-    assert lines[2].index("success") == lines[3].index("unreachable")   # columns line up
+    assert lines[2].index("unreachable") == lines[3].index("success")   # columns line up
     assert "  db-server: connection refused" in lines
     assert "  web2: * fell back to bundled mode: forwarding refused" in lines
     assert "  skipped old: archived" in lines
-    assert lines[-1] == "PARTIAL: 2/3 hosts succeeded in 2.50s (job job_x, log 3)"
+    assert lines[-1] == "PARTIAL: 2/3 hosts succeeded (1 unreachable) in 2.50s (job job_x, log 3)"
+
+
+def test_summary_groups_identical_output_failures_first_and_scales() -> None:
+    hosts = [host(f"ok{i:02}", "success", 0, stdout="same\n") for i in range(37)]
+    hosts.insert(5, host("bad1", "failure", 2, stdout="".join(f"l{n}\n" for n in range(9)), stderr="boom\n"))
+    hosts.append(host("odd", "success", 0, stdout="different\n"))
+    hosts += [host(f"late{i}", "skipped", error="not started: 2 hosts failed, more than --max-failures 1 allows")
+              for i in range(3)]
+    result = RunResult("STOPPED", 7, "ev", "job_x", 9, hosts, [], 1000, 1,
+                       stopped="2 hosts failed, more than --max-failures 1 allows")
+    text = summary_table(result)
+    lines = text.splitlines()
+    assert lines[2].split()[:3] == ["bad1", "failure", "2"]
+    assert sum(1 for line in lines if line.startswith("ok")) == 20          # successes beyond 20: one line
+    assert "... and 18 more hosts succeeded (`cronium-fab show 9` lists them all)" in lines
+    assert ("  3 hosts skipped (late0, late1, late2): not started: 2 hosts failed, more than --max-failures 1 "
+            "allows") in lines
+    groups = lines[lines.index("output (identical output once, failures first):") + 1:]
+    assert groups[0] == "  bad1 (failure):"
+    assert groups[1] == "    ... 4 earlier lines (`cronium-fab show 9 --host bad1`)"
+    assert groups[2:8] == ["    | l4", "    | l5", "    | l6", "    | l7", "    | l8", "    ! boom"]
+    assert groups[8].startswith("  37 hosts: same output (success): ok00, ok01, ") and groups[8].endswith("(+29 more):")
+    assert groups[9] == "    | same"
+    assert groups[10:12] == ["  odd (success):", "    | different"]
+    assert lines[-2] == "stopped: 2 hosts failed, more than --max-failures 1 allows"
+    assert lines[-1] == "STOPPED: 38/42 hosts succeeded (1 failure, 3 skipped) in 1.00s (job job_x, log 9)"
 
 
 def test_live_printer_whole_lines_prefixed_and_never_mixed() -> None:

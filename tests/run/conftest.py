@@ -34,11 +34,12 @@ def signed_runner(tmp_path_factory: pytest.TempPathFactory, signing_keys: tuple[
     return art.path
 
 
-def trust(settings: Settings, host: DevHost) -> None:
+def trust(settings: Settings, host: DevHost, address: str | None = None, port: int | None = None) -> None:
+    """Record ``host``'s key, for its own address and port or for another way to it (a proxy)."""
     kind, b64 = host.host_public_key.split()[:2]
     key = paramiko.PKey.from_type_string(kind, base64.b64decode(b64))
     settings.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    KnownHostsStore(settings.known_hosts).replace(host_entry_name(host.address, host.port), key)
+    KnownHostsStore(settings.known_hosts).replace(host_entry_name(address or host.address, port or host.port), key)
 
 
 @dataclass
