@@ -651,7 +651,8 @@ class EventRun:
         self.printer.host_started(target.name)
         # The runner enforces output_cap and says what it dropped (head, a marker, tail); ours only
         # bounds memory against a runner that does not, with room for its marker: one cap, one marker.
-        cap = self.plan.request.output_cap + CAP_SLACK
+        # (With --output-dir the runner keeps everything and this buffer is the only cap.)
+        cap = self.plan.request.output_cap + (0 if self.plan.output_dir else CAP_SLACK)
         stdout, stderr = CappedBuffer(cap), CappedBuffer(cap)
         files = HostFiles(self.plan.output_dir, self._files[i]) if self.plan.output_dir and self._files else None
 
