@@ -112,7 +112,17 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None, cwd: Path |
 
 
 def children_cpu(pid: int) -> float:
-    """CPU seconds of the reaped children of ``pid`` (cutime + cstime in /proc/PID/stat)."""
+    """CPU seconds of the reaped children of ``pid`` (cutime + cstime in /proc/PID/stat), once the
+    children it has (the worker's forks: it reaps them a moment after they answered) are reaped."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                if not f.read().strip():
+                    break
+        except OSError:
+            break
+        time.sleep(0.005)
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
