@@ -188,6 +188,11 @@ class Script:
                     grace = self.grace
                 elif self.status is not None and fds:
                     grace = min(self.grace, 2.0)   # main exited, leftovers hold the pipes
+                    if self.subreaper and not self._has_children():
+                        # Nothing of the tree is alive (as a subreaper, it would all be our children):
+                        # the pipes are just closing. Do not scan /proc (milliseconds on a busy host).
+                        kill_at = now + grace
+                        grace = None
                 if grace is not None:
                     signal_tree(self.pid, signal.SIGTERM)
                     kill_at = now + grace
