@@ -1,8 +1,9 @@
 """Installs the runtime helpers into the run's private ``.cronium/`` dir and reads back what the script set."""
-import json
 import os
-import shlex
 import sys
+
+from . import jsonc
+from .lite import quote
 
 COMMANDS = ("input", "output", "getVariable", "setVariable", "setCondition", "event")
 
@@ -48,7 +49,7 @@ def _write(path, data, mode=0o600):
 
 
 def _dump(value):
-    return json.dumps(value, ensure_ascii=False)
+    return jsonc.dumps(value, ensure_ascii=False)
 
 
 def install(workdir, context, input_data, variables):
@@ -68,10 +69,10 @@ def install(workdir, context, input_data, variables):
     py = sys.executable or "python3"
     for cmd in COMMANDS:
         text = "#!/bin/sh\nexec %s -I -S %s %s \"$@\"\n" % (
-            shlex.quote(py), shlex.quote(os.path.join(lib, "cronium.py")), cmd)
+            quote(py), quote(os.path.join(lib, "cronium.py")), cmd)
         _write(os.path.join(bindir, "cronium." + cmd), text, 0o700)
     bash_env = os.path.join(state, "bash_env.sh")
-    _write(bash_env, _data("cronium.sh").decode("utf-8").replace("@BIN@", shlex.quote(bindir)))
+    _write(bash_env, _data("cronium.sh").decode("utf-8").replace("@BIN@", quote(bindir)))
     node_opt = "--require=" + os.path.join(lib, "cronium.js")
     if " " in node_opt or '"' in node_opt:
         node_opt = '"%s"' % node_opt.replace("\\", "\\\\").replace('"', '\\"')
@@ -89,7 +90,7 @@ def install(workdir, context, input_data, variables):
 def _load(path):
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
+            return jsonc.loads(f.read())
     except (OSError, ValueError):
         return None
 
