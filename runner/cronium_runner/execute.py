@@ -23,7 +23,24 @@ _RLIMITS = (
 )
 
 
+class _Libc(object):
+    """``libc.prctl`` through ``_ctypes`` alone: ``import ctypes`` costs ~3.5 ms of CPU per run, its C
+    module ~0.8 ms. Arguments are passed as C ints, as ``ctypes.CDLL(None).prctl(...)`` does."""
+
+    def __init__(self):
+        import _ctypes
+
+        class _Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+
+        self.prctl = _Function(_ctypes.dlsym(_ctypes.dlopen(None), "prctl"))
+
+
 def _libc():
+    try:
+        return _Libc()
+    except Exception:
+        pass
     try:
         import ctypes
         return ctypes.CDLL(None, use_errno=True)

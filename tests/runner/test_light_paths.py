@@ -305,7 +305,7 @@ def test_libc_prctl_without_ctypes():
 
 
 # --- what a warm run imports -----------------------------------------------------------------
-HEAVY = {"re", "enum", "json", "subprocess", "shutil", "shlex", "tarfile", "importlib.util",
+HEAVY = {"re", "enum", "json", "subprocess", "shutil", "shlex", "tarfile", "ctypes", "importlib.util",
          "signal", "locale", "threading", "zipfile", "gzip", "bz2", "lzma"}
 
 
