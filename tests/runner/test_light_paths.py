@@ -349,3 +349,16 @@ def test_a_warm_run_imports_nothing_heavy(any_py, pyz, tmp_path):
 def _imports(stderr: bytes) -> set[str]:
     return {line.rsplit("|", 1)[1].strip() for line in stderr.decode().splitlines()
             if line.startswith("import time:") and "|" in line}
+
+
+def test_a_python_script_pays_no_helper_imports(py, pyz, script_python, tmp_path):
+    """``cronium`` is imported (sitecustomize) by every Python script: it must not cost json & co."""
+    s = serve(py, pyz, encode_input(header(payload("pass", "python"), env={"PYTHONPROFILEIMPORTTIME": "1"},
+                                           interpreters={"python": script_python}), payload("pass", "python")),
+              env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path)))
+    assert s.result["status"] == "success", s.result
+    bare = subprocess.run([script_python, "-c", "pass"], env={"PYTHONPROFILEIMPORTTIME": "1", "PATH": "/usr/bin:/bin"},
+                          capture_output=True)
+    imported = _imports(s.stderr_script) - _imports(bare.stderr)
+    assert "cronium" in imported
+    assert not imported & {"json", "re", "enum", "importlib.util", "collections", "functools"}, sorted(imported)
