@@ -230,7 +230,7 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
             input_data = header.get("input")
             if input_data is None:
                 input_data = meta.get("inputData")
-            state, bindir, helper_env = helpers.install(workdir, ctx, input_data, snapshot)
+            state, bindir, helper_env = helpers.install(workdir, ctx, input_data, snapshot, own_sha256())
             env = _build_env(header, manifest, ctx, workdir, bindir, helper_env)
             timeout = header.get("timeout")
             script = execute.Script(

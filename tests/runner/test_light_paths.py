@@ -362,3 +362,43 @@ def test_a_python_script_pays_no_helper_imports(py, pyz, script_python, tmp_path
     imported = _imports(s.stderr_script) - _imports(bare.stderr)
     assert "cronium" in imported
     assert not imported & {"json", "re", "enum", "importlib.util", "collections", "functools"}, sorted(imported)
+
+
+# --- the helper programs: written once per runner version and interpreter ------------------
+HELPERS_SCRIPT = ('printf "%s\\n" "$PYTHONPATH" "$BASH_ENV" "$(command -v cronium.output)"; '
+                  'cronium.output \'{"n": 1}\'; cronium_set_variable k v')
+
+
+def _helper_run(py, pyz, cache):
+    p = payload(HELPERS_SCRIPT)
+    s = serve(py, pyz, encode_input(header(p), p), env=dict(os.environ, XDG_CACHE_HOME=str(cache)))
+    assert s.result["status"] == "success", (s.result, s.stderr_script)
+    assert s.result["output"] == {"n": 1} and s.result["variables"] == {"k": "v"}
+    lib, bash_env, command = s.stdout.decode().splitlines()
+    assert bash_env == os.path.join(lib, "bash_env.sh") and command == os.path.join(lib, "cronium.output")
+    return lib
+
+
+def test_helpers_come_from_the_private_cache(py, pyz, tmp_path):
+    cache = tmp_path / "cache"
+    first = _helper_run(py, pyz, cache)
+    assert first.startswith(str(cache / "cronium" / "helpers") + "/")
+    assert os.stat(first).st_mode & 0o777 == 0o700
+    assert _helper_run(py, pyz, cache) == first          # the next run reuses it
+    assert [p for p in os.listdir(os.path.dirname(first)) if p.endswith(".tmp")] == []
+
+
+def test_helpers_per_run_when_the_cache_is_not_private(py, pyz, tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "cronium").mkdir(parents=True)
+    (cache / "cronium").chmod(0o777)                      # writable by others: not trusted
+    lib = _helper_run(py, pyz, cache)
+    assert "/cronium-run-" in lib and lib.endswith("/.cronium/lib")
+    assert not (cache / "cronium" / "helpers").exists()
+
+
+def test_a_broken_helper_cache_is_not_used(py, pyz, tmp_path):
+    cache = tmp_path / "cache"
+    lib = _helper_run(py, pyz, cache)
+    os.unlink(os.path.join(lib, ".complete"))             # e.g. half deleted by hand
+    assert "/cronium-run-" in _helper_run(py, pyz, cache)
