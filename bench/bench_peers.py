@@ -275,21 +275,24 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 # --- the runner's CPU on a target ------------------------------------------------------------
-def runner_cpu(work: Path, runner: Path, sha: str, n: int) -> list[tuple[str, float, float]]:
-    """CPU and wall ms per run (medians): bare interpreters vs the bootstrap + runner as over SSH."""
+def runner_cpu(work: Path, runners: list[tuple[str, Path, str]], n: int) -> list[tuple[str, float, float]]:
+    """CPU and wall ms per run (medians): bare interpreters vs the bootstrap + runner as over SSH, for
+    each ``(label, runner pyz, sha256)``; every runner has its own target home (and caches)."""
     from cronium_fab.payloads import build_payload_content
     from cronium_fab.remote.protocol import encode_input
     from cronium_fab.remote.runner_cache import bootstrap_command, runner_file_name
 
-    home = work / "target"
-    cache = home / "cache" / "cronium"
-    cache.mkdir(parents=True, mode=0o700)
-    (home / "tmp").mkdir(mode=0o700)
-    shutil.copy(runner, cache / runner_file_name(sha))
-    (cache / runner_file_name(sha)).chmod(0o600)
-    env = {"PATH": f"{os.path.dirname(SYSTEM_PYTHON)}:/usr/bin:/bin", "HOME": str(home),
-           "XDG_CACHE_HOME": str(home / "cache"), "TMPDIR": str(home / "tmp"), "LANG": "C.UTF-8"}
-    boot = ["sh", "-c", bootstrap_command(sha)]
+    envs: dict[str, dict[str, str]] = {}
+    for label, runner, sha in runners:
+        home = work / f"target-{len(envs)}"
+        cache = home / "cache" / "cronium"
+        cache.mkdir(parents=True, mode=0o700)
+        (home / "tmp").mkdir(mode=0o700)
+        shutil.copy(runner, cache / runner_file_name(sha))
+        (cache / runner_file_name(sha)).chmod(0o600)
+        envs[label] = {"PATH": f"{os.path.dirname(SYSTEM_PYTHON)}:/usr/bin:/bin", "HOME": str(home),
+                       "XDG_CACHE_HOME": str(home / "cache"), "TMPDIR": str(home / "tmp"), "LANG": "C.UTF-8"}
+    bare_env = next(iter(envs.values()))
 
     def stdin_for(etype: str, content: str) -> bytes:
         pc = build_payload_content(1, etype, content)
@@ -300,14 +303,16 @@ def runner_cpu(work: Path, runner: Path, sha: str, n: int) -> list[tuple[str, fl
                   "output_cap": None, "keep_workdir": False}
         return encode_input(header, pc.data)
 
-    ways: dict[str, tuple[list[str], bytes | None]] = {
-        "python3 -I -S -c pass (bare)": ([SYSTEM_PYTHON, "-I", "-S", "-c", "pass"], None),
-        "python3 -c pass": ([SYSTEM_PYTHON, "-c", "pass"], None),
-        "runner, BASH event `true`": (boot, stdin_for("BASH", "true")),
-        "runner, PYTHON event `pass`": (boot, stdin_for("PYTHON", "pass")),
+    ways: dict[str, tuple[list[str], bytes | None, dict[str, str]]] = {
+        "python3 -I -S -c pass (bare)": ([SYSTEM_PYTHON, "-I", "-S", "-c", "pass"], None, bare_env),
+        "python3 -c pass": ([SYSTEM_PYTHON, "-c", "pass"], None, bare_env),
     }
+    for label, _, sha in runners:
+        boot = ["sh", "-c", bootstrap_command(sha)]
+        ways[f"{label}, BASH event `true`"] = (boot, stdin_for("BASH", "true"), envs[label])
+        ways[f"{label}, PYTHON event `pass`"] = (boot, stdin_for("PYTHON", "pass"), envs[label])
 
-    def once(argv: list[str], data: bytes | None) -> tuple[float, float]:
+    def once(argv: list[str], data: bytes | None, env: dict[str, str]) -> tuple[float, float]:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE)
@@ -325,12 +330,12 @@ def runner_cpu(work: Path, runner: Path, sha: str, n: int) -> list[tuple[str, fl
             raise RuntimeError(f"runner run failed: {out[-500:]!r}")
         return (ru.ru_utime + ru.ru_stime) * 1000, (time.perf_counter() - t0) * 1000
 
-    for argv, data in ways.values():   # warm: the first run fills the runner's code cache
-        once(argv, data)
+    for way in ways.values():   # warm: the first run fills the runner's caches
+        once(*way)
     got: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
-    for _ in range(n):
-        for k, (argv, data) in ways.items():
-            got[k].append(once(argv, data))
+    for _ in range(n):          # interleaved, so drift affects every way alike
+        for k, way in ways.items():
+            got[k].append(once(*way))
     return [(k, statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in got.items()]
 
 
@@ -367,6 +372,7 @@ def main() -> None:
     ap.add_argument("--peers-venv", help="an existing venv with fabric, pyinfra and ansible-core (else: installed)")
     ap.add_argument("--runner-cpu", type=int, default=20, help="iterations of the runner CPU measurement (0: skip)")
     ap.add_argument("--runner-cpu-only", action="store_true", help="only the runner CPU measurement")
+    ap.add_argument("--runner-revs", help="git revisions whose runner/ is measured too (comma-separated)")
     ap.add_argument("--ready-timeout", type=float, default=180.0)
     args = ap.parse_args()
     sizes = sorted(int(x) for x in args.hosts.split(","))
@@ -390,7 +396,17 @@ def main() -> None:
         art = build_runner(ROOT / "runner", tmp / "dist")
         sign_file(art.path, load_private_key(keys[0]))
         if args.runner_cpu or args.runner_cpu_only:
-            print_runner_cpu(runner_cpu(tmp, art.path, art.sha256, max(args.runner_cpu, 1)), max(args.runner_cpu, 1))
+            runners = [("runner", art.path, art.sha256)]
+            for rev in filter(None, (args.runner_revs or "").split(",")):
+                src = tmp / f"src-{len(runners)}"
+                src.mkdir()
+                tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "runner"], check=True,
+                                     capture_output=True).stdout
+                subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
+                old = build_runner(src / "runner", src / "dist")
+                runners.append((f"runner@{rev}", old.path, old.sha256))
+            n_cpu = max(args.runner_cpu, 1)
+            print_runner_cpu(runner_cpu(tmp, runners, n_cpu), n_cpu)
         if args.runner_cpu_only:
             return
         venv = peers_venv(tmp, args.peers_venv)
