@@ -139,8 +139,10 @@ def peers_venv(tmp: Path, reuse: str | None) -> Path:
     base = getattr(sys, "_base_executable", None) or sys.executable
     print(f"# installing {', '.join(PEERS)} into a scratch venv ({venv}) ...", flush=True)
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    *PEERS], check=True, stdout=subprocess.DEVNULL)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          *PEERS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if pip.returncode != 0:
+        raise SystemExit(f"pip install {' '.join(PEERS)} failed:\n{pip.stdout.decode(errors='replace')[-3000:]}")
     return venv
 
 
