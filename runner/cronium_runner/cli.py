@@ -1,14 +1,13 @@
 """Entry points: ``serve`` (framed stdin/stdout, PROTOCOL.md), ``run`` (hand mode) and ``version``."""
-import hashlib
-import json
 import os
 import pwd
-import shutil
-import signal
 import sys
 import time
 
-from . import PROTOCOL, VERSION, RunnerError, execute, extract, helpers, protocol
+from . import PROTOCOL, VERSION, RunnerError, execute, extract, helpers, jsonc, lite, protocol
+from .execute import signal
+
+SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 15: "SIGTERM"}
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_CAP = 10 * 1024 * 1024
@@ -20,6 +19,7 @@ def own_sha256():
     if not _sha_cache:
         path = getattr(globals().get("__loader__"), "archive", None) or sys.argv[0]
         try:
+            import hashlib
             with open(path, "rb") as f:
                 _sha_cache.append(hashlib.sha256(f.read()).hexdigest())
         except (OSError, TypeError):
@@ -45,7 +45,7 @@ STATE = _State()
 
 
 def _on_signal(signum, _frame):
-    name = signal.Signals(signum).name
+    name = SIGNAL_NAMES.get(signum) or "signal %d" % signum
     STATE.signalled = STATE.signalled or name
     if STATE.phase == "running" and STATE.script is not None:
         STATE.script.cancel_reason = STATE.script.cancel_reason or "runner received " + name
@@ -179,7 +179,7 @@ def _interpreter(header, kind, path):
             return name
         raise RunnerError("interpreter", "interpreter %r (for %s scripts) not found or not executable"
                           % (name, kind))
-    found = shutil.which(name, path=path)
+    found = lite.which(name, path=path)
     if not found:
         raise RunnerError("interpreter", "interpreter %r (for %s scripts) not found on PATH (%s)"
                           % (name, kind, path))
@@ -230,7 +230,7 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
             input_data = header.get("input")
             if input_data is None:
                 input_data = meta.get("inputData")
-            state, bindir, helper_env = helpers.install(workdir, ctx, input_data, snapshot)
+            state, bindir, helper_env = helpers.install(workdir, ctx, input_data, snapshot, own_sha256())
             env = _build_env(header, manifest, ctx, workdir, bindir, helper_env)
             timeout = header.get("timeout")
             script = execute.Script(
@@ -267,7 +267,7 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
             except Exception:
                 pass
         if workdir and not header.get("keep_workdir"):
-            shutil.rmtree(workdir, ignore_errors=True)
+            lite.rmtree(workdir)
         elif workdir:
             res["workdir"] = workdir
     if script is not None and script.status is not None:
@@ -373,6 +373,7 @@ def hand(args):
         sys.stderr.write(HAND_USAGE)
         return 2
     header = {"protocol": PROTOCOL, "helper_mode": "bundled", "variables": {}}
+    import json
     try:
         if opts["--header"]:
             with open(opts["--header"], "r", encoding="utf-8") as f:
@@ -418,7 +419,7 @@ def hand(args):
 
 def main(argv):
     if argv[:1] == ["version"]:
-        sys.stdout.write(json.dumps(runner_info()) + "\n")
+        sys.stdout.write(jsonc.dumps(runner_info()) + "\n")
         return 0
     if argv[:1] == ["serve"]:
         return serve()

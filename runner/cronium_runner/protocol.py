@@ -1,10 +1,9 @@
 """Framing of PROTOCOL.md: the stdin preamble/header/payload and the stdout records."""
 import hashlib
-import json
 import os
 import struct
 
-from . import PROTOCOL, RunnerError
+from . import PROTOCOL, RunnerError, jsonc
 
 MAGIC_IN = b"CRONIUM-RUNNER-INPUT"
 MAX_HEADER = 16 << 20
@@ -46,7 +45,7 @@ def read_input(fd):
     if size > MAX_HEADER:
         raise RunnerError("protocol", "header too large (%d bytes)" % size)
     try:
-        header = json.loads(_read_exact(fd, size, "header").decode("utf-8"))
+        header = jsonc.loads(_read_exact(fd, size, "header").decode("utf-8"))
     except ValueError as e:
         raise RunnerError("protocol", "header is not JSON: %s" % e)
     if not isinstance(header, dict):
@@ -72,7 +71,7 @@ def record(kind, body):
 
 
 def json_record(kind, obj):
-    return record(kind, json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    return record(kind, jsonc.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
 def stream_records(kind, ts, data):

@@ -1,0 +1,531 @@
+"""Benchmark against the peers (issue 13): the same work on N local sshd hosts, tool by tool, in one run.
+
+Run by hand (not a test)::
+
+    .venv/bin/python bench/bench_peers.py [--hosts 1,20,100,300] [--rounds 3] [--works python,true]
+
+Every tool runs the same thing on every host; each cell is the median wall seconds of ``--rounds``
+rounds. Within a round the tools take turns (the order rotates round by round), so the noise of a
+shared 2-core machine falls on all of them alike; compare ratios, not seconds across runs.
+
+- OpenSSH parallel: ``ssh -o BatchMode=yes host python3 -c pass``, all hosts at once (``xargs -P N``).
+- Fabric ThreadingGroup: ``ThreadingGroup(...).run('python3 -c pass')`` as a program (``python -c``),
+  so it pays interpreter start-up and imports like our CLI does.
+- pyinfra exec: ``pyinfra inventory.py exec -y -- python3 -c pass``.
+- Ansible ad-hoc: ``ansible all -i inventory -m raw -a 'python3 -c pass'`` (forks = N, pipelining).
+- cronium-fab CLI: ``cronium-fab run-event --id N --quiet`` of a PYTHON event ``pass`` (BASH ``true``
+  for the ``true`` work), without a worker (``CRONIUM_FAB_WORKER=off``) and served by a running
+  ``cronium-fab worker``; default settings (``--parallel`` 32), runner already cached on the hosts.
+
+Every tool checks host keys against the hosts' real keys (OpenSSH/Ansible: a known_hosts file with
+``StrictHostKeyChecking=yes``; Fabric: the host's key in the client and a RejectPolicy; pyinfra:
+``ssh_known_hosts_file`` + ``ssh_strict_host_key_checking``; cronium-fab: its strict store), and
+opens fresh connections every run (no ControlMaster).
+
+The peers (fabric, pyinfra, ansible-core) are installed from the package registry into a scratch
+venv under the bench's temp dir, never into the project's venv (``--peers-venv DIR`` reuses one).
+The hosts and the temp dir are removed on exit, on Ctrl-C and on SIGTERM.
+
+Also printed: the controller's CPU (user+sys of the tool's process tree, from ``wait4``; via the
+worker: the client plus the worker's reaped fork) per host, its peak RSS, and the runner's CPU per
+run on a target against a bare ``python3 -I -S -c pass`` (``--runner-cpu N`` iterations, 0 to skip;
+``--runner-cpu-only`` for just that, no hosts and no peers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cronium_fab.build import build_runner  # noqa: E402
+from cronium_fab.devhosts import DevHost, DevHostPool  # noqa: E402
+
+PEERS = ("fabric", "pyinfra", "ansible-core")
+TOOLS = ("ssh", "fabric", "pyinfra", "ansible", "cli", "worker")
+HEADINGS = {"ssh": "OpenSSH parallel", "fabric": "Fabric ThreadingGroup", "pyinfra": "pyinfra exec",
+            "ansible": "Ansible ad-hoc", "cli": "cronium-fab CLI", "worker": "cronium-fab via worker"}
+WORKS = {  # work -> (shell command for the peers, cronium-fab event type, event content)
+    "python": ("python3 -c pass", "PYTHON", "pass"),
+    "true": ("true", "BASH", "true"),
+}
+WORK_LABEL = {"python": "`python3 -c pass` / PYTHON event `pass`", "true": "`true` / BASH event `true`"}
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or "python3"
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float        # seconds of user+sys of the controller (its whole reaped process tree)
+    rss_kb: int       # peak RSS of the largest process of that tree (0: not known)
+
+
+# A small wrapper times the tool: wait4 gives a child's CPU and peak RSS, but a child forked from
+# this (large) process starts with our RSS as its high-water mark; the wrapper's child starts small.
+MEASURE = """
+import os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, st, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as f:
+    f.write("%r %r %d" % (wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(st) & 255)
+"""
+
+
+def run_measured(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+                 extra_cpu: Callable[[], float] | None = None) -> Sample:
+    """Run ``argv`` to the end under the wrapper: wall, CPU and peak RSS of its tree (failures raise)."""
+    fd, report = tempfile.mkstemp(prefix="cfab-measure-")
+    os.close(fd)
+    try:
+        before = extra_cpu() if extra_cpu else 0.0
+        proc = subprocess.run([SYSTEM_PYTHON, "-I", "-S", "-c", MEASURE, report, *argv], env=env, cwd=cwd,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv[0]} ... exited {proc.returncode}:\n"
+                               f"{proc.stdout.decode(errors='replace')[-3000:]}")
+        wall, cpu, rss = Path(report).read_text().split()
+    finally:
+        os.unlink(report)
+    extra = (extra_cpu() - before) if extra_cpu else 0.0
+    return Sample(float(wall), float(cpu) + extra, int(rss))
+
+
+def children_cpu(pid: int) -> float:
+    """CPU seconds of the reaped children of ``pid`` (cutime + cstime in /proc/PID/stat), once the
+    children it has (the worker's forks: it reaps them a moment after they answered) are reaped."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                if not f.read().strip():
+                    break
+        except OSError:
+            break
+        time.sleep(0.005)
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- the peers' scratch venv -----------------------------------------------------------------
+def peers_venv(tmp: Path, reuse: str | None) -> Path:
+    if reuse:
+        venv = Path(reuse)
+        if not (venv / "bin" / "python").exists():
+            raise SystemExit(f"--peers-venv {venv}: no bin/python there")
+        return venv
+    venv = tmp / "peers-venv"
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    print(f"# installing {', '.join(PEERS)} into a scratch venv ({venv}) ...", flush=True)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          *PEERS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if pip.returncode != 0:
+        raise SystemExit(f"pip install {' '.join(PEERS)} failed:\n{pip.stdout.decode(errors='replace')[-3000:]}")
+    return venv
+
+
+def peer_versions(venv: Path) -> str:
+    code = ("import importlib.metadata as m, sys; print(' '.join(f'{p} {m.version(p)}' for p in sys.argv[1:]))")
+    return subprocess.run([str(venv / "bin" / "python"), "-c", code, *PEERS, "paramiko"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+# --- per tool set-up -------------------------------------------------------------------------
+FABRIC_PROGRAM = """
+import base64, sys, fabric, paramiko
+cmd = sys.argv[1]
+conns = []
+for spec in sys.argv[2:]:
+    u, a, p, k, kind, b64 = spec.split("|")
+    c = fabric.Connection(a, user=u, port=int(p), connect_kwargs={"key_filename": [k], "look_for_keys": False,
+                                                                 "allow_agent": False})
+    c.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    name = a if int(p) == 22 else "[%s]:%s" % (a, p)
+    c.client.get_host_keys().add(name, kind, paramiko.PKey.from_type_string(kind, base64.b64decode(b64)))
+    conns.append(c)
+g = fabric.ThreadingGroup.from_connections(conns)
+try:
+    g.run(cmd, hide=True, in_stream=False)
+finally:
+    g.close()
+"""
+
+
+def fabric_specs(hosts: list[DevHost]) -> list[str]:
+    out = []
+    for h in hosts:
+        kind, b64 = h.host_public_key.split()[:2]
+        out.append(f"{h.user}|{h.address}|{h.port}|{h.private_key_path}|{kind}|{b64}")
+    return out
+
+
+def ssh_options(known: Path) -> list[str]:
+    return ["-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes", "-o", "ControlMaster=no", "-o", "ControlPath=none",
+            "-F", "/dev/null"]
+
+
+def write_ssh_list(path: Path, hosts: list[DevHost], command: str) -> None:
+    path.write_text("".join(f"-i {h.private_key_path} -p {h.port} {h.user}@{h.address} {command}\n" for h in hosts))
+
+
+def write_pyinfra_inventory(path: Path, hosts: list[DevHost], known: Path) -> None:
+    lines = ["hosts = ["]
+    for h in hosts:
+        data = {"ssh_port": h.port, "ssh_user": h.user, "ssh_key": str(h.private_key_path),
+                "ssh_known_hosts_file": str(known), "ssh_strict_host_key_checking": "yes",
+                "ssh_allow_agent": False, "ssh_look_for_keys": False}
+        lines.append(f"    ({h.address!r}, {data!r}),")
+    lines.append("]")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_ansible(d: Path, hosts: list[DevHost], known: Path) -> tuple[Path, dict[str, str]]:
+    d.mkdir(parents=True, exist_ok=True)
+    inv = d / "inventory.ini"
+    inv.write_text("[all]\n" + "".join(
+        f"h{i} ansible_host={h.address} ansible_port={h.port} ansible_user={h.user} "
+        f"ansible_ssh_private_key_file={h.private_key_path}\n" for i, h in enumerate(hosts)))
+    cfg = d / "ansible.cfg"
+    ssh_args = " ".join(ssh_options(known)[:-2])  # without -F (ansible passes its own options)
+    cfg.write_text(
+        "[defaults]\n"
+        f"forks = {max(len(hosts), 1)}\n"
+        "host_key_checking = True\n"
+        "gathering = explicit\n"
+        "retry_files_enabled = False\n"
+        f"interpreter_python = {SYSTEM_PYTHON}\n"
+        f"local_tmp = {d / 'tmp'}\n"
+        "[ssh_connection]\n"
+        "pipelining = True\n"
+        f"ssh_args = {ssh_args}\n"
+    )
+    env = dict(os.environ, ANSIBLE_CONFIG=str(cfg), ANSIBLE_HOME=str(d / "home"), LANG="C.UTF-8",
+               ANSIBLE_NOCOLOR="1", ANSIBLE_DEPRECATION_WARNINGS="0")
+    return inv, env
+
+
+# --- cronium-fab -----------------------------------------------------------------------------
+@dataclass
+class Ours:
+    env: dict[str, str]
+    events: dict[str, int]   # work -> event id
+
+
+def setup_ours(work: Path, hosts: list[DevHost], keys: tuple[Path, Path], runner: Path,
+               socket_path: Path) -> Ours:
+    import paramiko
+
+    from cronium_fab.db.engine import Database
+    from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
+    from tests.factories import add_event, add_server
+
+    data_dir = work / "data"
+    db_url = f"sqlite:///{work / 'cronium.db'}"
+    db = Database(db_url)
+    db.init()
+    (data_dir).mkdir(parents=True, exist_ok=True)
+    store = KnownHostsStore(data_dir / "known_hosts")
+    ids = []
+    for h in hosts:
+        kind, b64 = h.host_public_key.split()[:2]
+        store.add(host_entry_name(h.address, h.port), paramiko.PKey.from_type_string(kind, base64.b64decode(b64)))
+        ids.append(add_server(db, h.name, address=h.address, port=h.port, username=h.user, ssh_key=h.private_key_text))
+    events = {w: add_event(db, name=f"bench-{w}", type=t, content=c, servers=ids) for w, (_, t, c) in WORKS.items()}
+    db.dispose()
+    env = dict(os.environ, CRONIUM_DATABASE_URL=db_url, CRONIUM_FAB_DATA_DIR=str(data_dir),
+               CRONIUM_FAB_SIGNING_KEY=str(keys[0]), CRONIUM_FAB_PUBLIC_KEY=str(keys[1]),
+               CRONIUM_FAB_RUNNER=str(runner), CRONIUM_FAB_PAYLOAD_DIR=str(work / "payloads"),
+               CRONIUM_FAB_HELPER_MODE="bundled", CRONIUM_FAB_WORKER_SOCKET=str(socket_path))
+    for k in ("CRONIUM_FAB_PARALLEL", "CRONIUM_FAB_WORKER", "CRONIUM_FAB_HOST_KEY_POLICY"):
+        env.pop(k, None)    # default settings
+    return Ours(env, events)
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as f:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "cronium-fab"), "worker"], env=env, stdout=f,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while "listening on" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"worker did not start: {log.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+# --- the runner's CPU on a target ------------------------------------------------------------
+def runner_cpu(work: Path, runners: list[tuple[str, Path, str]], n: int) -> list[tuple[str, float, float]]:
+    """CPU and wall ms per run (medians): bare interpreters vs the bootstrap + runner as over SSH, for
+    each ``(label, runner pyz, sha256)``; every runner has its own target home (and caches)."""
+    from cronium_fab.payloads import build_payload_content
+    from cronium_fab.remote.protocol import encode_input
+    from cronium_fab.remote.runner_cache import bootstrap_command, runner_file_name
+
+    envs: dict[str, dict[str, str]] = {}
+    for label, runner, sha in runners:
+        home = work / f"target-{len(envs)}"
+        cache = home / "cache" / "cronium"
+        cache.mkdir(parents=True, mode=0o700)
+        (home / "tmp").mkdir(mode=0o700)
+        shutil.copy(runner, cache / runner_file_name(sha))
+        (cache / runner_file_name(sha)).chmod(0o600)
+        envs[label] = {"PATH": f"{os.path.dirname(SYSTEM_PYTHON)}:/usr/bin:/bin", "HOME": str(home),
+                       "XDG_CACHE_HOME": str(home / "cache"), "TMPDIR": str(home / "tmp"), "LANG": "C.UTF-8"}
+    bare_env = next(iter(envs.values()))
+
+    def stdin_for(etype: str, content: str) -> bytes:
+        pc = build_payload_content(1, etype, content)
+        header = {"protocol": 1, "manifest": pc.manifest, "manifest_sha256": pc.manifest_sha256,
+                  "job_id": "bench", "execution_id": 1, "event_id": 1, "event_name": "bench", "server_id": 1,
+                  "server_name": "bench", "user_id": "u1", "trigger": "MANUAL", "helper_mode": "bundled",
+                  "env": {}, "variables": {}, "input": None, "timeout": 30, "kill_grace": 5.0, "limits": {},
+                  "output_cap": None, "keep_workdir": False}
+        return encode_input(header, pc.data)
+
+    ways: dict[str, tuple[list[str], bytes | None, dict[str, str]]] = {
+        "python3 -I -S -c pass (bare)": ([SYSTEM_PYTHON, "-I", "-S", "-c", "pass"], None, bare_env),
+        "python3 -c pass": ([SYSTEM_PYTHON, "-c", "pass"], None, bare_env),
+    }
+    for label, _, sha in runners:
+        boot = ["sh", "-c", bootstrap_command(sha)]
+        ways[f"{label}, BASH event `true`"] = (boot, stdin_for("BASH", "true"), envs[label])
+        ways[f"{label}, PYTHON event `pass`"] = (boot, stdin_for("PYTHON", "pass"), envs[label])
+
+    def once(argv: list[str], data: bytes | None, env: dict[str, str]) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE)
+        if data is not None and proc.stdin:
+            proc.stdin.write(data)
+            proc.stdin.flush()
+        out = proc.stdout.read() if proc.stdout else b""
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.stdin:
+            proc.stdin.close()
+        if proc.stdout:
+            proc.stdout.close()
+        if data is not None and b'"status":"success"' not in out:
+            raise RuntimeError(f"runner run failed: {out[-500:]!r}")
+        return (ru.ru_utime + ru.ru_stime) * 1000, (time.perf_counter() - t0) * 1000
+
+    for way in ways.values():   # warm: the first run fills the runner's caches
+        once(*way)
+    got: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
+    for _ in range(n):          # interleaved, so drift affects every way alike
+        for k, way in ways.items():
+            got[k].append(once(*way))
+    return [(k, statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in got.items()]
+
+
+def print_runner_cpu(rows: list[tuple[str, float, float]], n: int) -> None:
+    bare = rows[0][1]
+    print(f"\n## Runner on a target: CPU per run (bootstrap + runner, as over SSH; {SYSTEM_PYTHON}; "
+          f"median of {n})\n")
+    print("| way | CPU ms | above bare | wall ms |")
+    print("|---|---|---|---|")
+    for k, cpu, wall in rows:
+        print(f"| {k} | {cpu:.1f} | {cpu - bare:+.1f} | {wall:.1f} |")
+    sys.stdout.flush()
+
+
+# --- main ------------------------------------------------------------------------------------
+def _stop_on_signals() -> None:
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    return Sample(statistics.median(s.wall for s in samples), statistics.median(s.cpu for s in samples),
+                  int(statistics.median(s.rss_kb for s in samples)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hosts", default="1,20,100,300", help="host counts, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--works", default="python,true", help="python and/or true")
+    ap.add_argument("--tools", default=",".join(TOOLS), help="subset of " + ",".join(TOOLS))
+    ap.add_argument("--peers-venv", help="an existing venv with fabric, pyinfra and ansible-core (else: installed)")
+    ap.add_argument("--runner-cpu", type=int, default=20, help="iterations of the runner CPU measurement (0: skip)")
+    ap.add_argument("--runner-cpu-only", action="store_true", help="only the runner CPU measurement")
+    ap.add_argument("--runner-revs", help="git revisions whose runner/ is measured too (comma-separated)")
+    ap.add_argument("--ready-timeout", type=float, default=180.0)
+    args = ap.parse_args()
+    sizes = sorted(int(x) for x in args.hosts.split(","))
+    works = [w for w in args.works.split(",") if w]
+    tools = [t for t in args.tools.split(",") if t]
+    for w in works:
+        if w not in WORKS:
+            raise SystemExit(f"unknown work {w!r}")
+    for t in tools:
+        if t not in TOOLS:
+            raise SystemExit(f"unknown tool {t!r}")
+    _stop_on_signals()
+    tmp = Path(tempfile.mkdtemp(prefix="cfab-peers-"))
+    pool: DevHostPool | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        from cronium_fab.signing import generate_keypair, load_private_key, sign_file
+
+        keys = (tmp / "keys" / "cosign.key", tmp / "keys" / "cosign.pub")
+        generate_keypair(*keys)
+        art = build_runner(ROOT / "runner", tmp / "dist")
+        sign_file(art.path, load_private_key(keys[0]))
+        if args.runner_cpu or args.runner_cpu_only:
+            runners = [("runner", art.path, art.sha256)]
+            for rev in filter(None, (args.runner_revs or "").split(",")):
+                src = tmp / f"src-{len(runners)}"
+                src.mkdir()
+                tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "runner"], check=True,
+                                     capture_output=True).stdout
+                subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
+                old = build_runner(src / "runner", src / "dist")
+                runners.append((f"runner@{rev}", old.path, old.sha256))
+            n_cpu = max(args.runner_cpu, 1)
+            print_runner_cpu(runner_cpu(tmp, runners, n_cpu), n_cpu)
+        if args.runner_cpu_only:
+            return
+        venv = peers_venv(tmp, args.peers_venv)
+        vpy = str(venv / "bin" / "python")
+        print(f"# peers: {peer_versions(venv)}; controller python {sys.version.split()[0]}; "
+              f"target python3 {SYSTEM_PYTHON}", flush=True)
+        pool = DevHostPool(tmp / "hosts")
+        t0 = time.monotonic()
+        all_hosts = pool.add_hosts(max(sizes), ready_timeout=args.ready_timeout)
+        print(f"# {len(all_hosts)} local sshd hosts up in {time.monotonic() - t0:.1f} s; {args.rounds} rounds; "
+              f"{os.cpu_count()} cores", flush=True)
+        known = tmp / "ssh_known_hosts"
+        known.write_text("".join(h.known_hosts_line() + "\n" for h in all_hosts))
+        sock = tmp / "w.sock"
+        cli = str(Path(sys.executable).parent / "cronium-fab")
+        results: dict[tuple[int, str, str], Sample] = {}
+        for n in sizes:
+            hosts = all_hosts[:n]
+            sub = tmp / f"n{n}"
+            sub.mkdir()
+            ours = setup_ours(sub, hosts, keys, art.path, sock)
+            if worker is None and "worker" in tools:
+                worker = start_worker(ours.env, tmp / "worker.log")
+            runs: dict[tuple[str, str], Callable[[], Sample]] = {}
+            for w in works:
+                cmd = WORKS[w][0]
+                lst = sub / f"ssh-{w}.txt"
+                write_ssh_list(lst, hosts, cmd)
+                inv = sub / "pyinfra_inventory.py"
+                write_pyinfra_inventory(inv, hosts, known)
+                ainv, aenv = write_ansible(sub / "ansible", hosts, known)
+                ev = ours.events[w]
+                runs[("ssh", w)] = lambda lst=lst, n=n: run_measured(  # type: ignore[misc]
+                    ["sh", "-c", f"xargs -P {n} -L 1 ssh {' '.join(ssh_options(known))} < {lst}"])
+                runs[("fabric", w)] = lambda cmd=cmd, hosts=hosts: run_measured(  # type: ignore[misc]
+                    [vpy, "-c", FABRIC_PROGRAM, cmd, *fabric_specs(hosts)])
+                runs[("pyinfra", w)] = lambda cmd=cmd, inv=inv, sub=sub: run_measured(  # type: ignore[misc]
+                    [str(venv / "bin" / "pyinfra"), str(inv), "exec", "-y", "--", *cmd.split()], cwd=sub)
+                runs[("ansible", w)] = lambda cmd=cmd, ainv=ainv, aenv=aenv, sub=sub: run_measured(  # type: ignore[misc]
+                    [str(venv / "bin" / "ansible"), "all", "-i", str(ainv), "-m", "raw", "-a", cmd], env=aenv, cwd=sub)
+                argv = [cli, "run-event", "--id", str(ev), "--quiet"]
+                runs[("cli", w)] = lambda argv=argv, env=ours.env: run_measured(  # type: ignore[misc]
+                    argv, env=dict(env, CRONIUM_FAB_WORKER="off"))
+                wpid = worker.pid if worker else 0
+                runs[("worker", w)] = lambda argv=argv, env=ours.env, wpid=wpid: run_measured(  # type: ignore[misc]
+                    argv, env=env, extra_cpu=lambda: children_cpu(wpid))
+                # warm: installs the runner on every host (and checks each tool works once)
+                run_measured(argv, env=dict(ours.env, CRONIUM_FAB_WORKER="off"))
+            for t in tools:
+                for w in works:
+                    runs[(t, w)]()   # one untimed run each: caches, first-connection effects
+            got: dict[tuple[str, str], list[Sample]] = {k: [] for k in runs if k[0] in tools}
+            t_size = time.monotonic()
+            for r in range(args.rounds):
+                order = tools[r % len(tools):] + tools[:r % len(tools)]
+                for w in works:
+                    for t in order:
+                        got[(t, w)].append(runs[(t, w)]())
+            for (t, w), samples in got.items():
+                results[(n, w, t)] = median_sample(samples)
+            print(f"# {n} hosts measured in {time.monotonic() - t_size:.0f} s", flush=True)
+            print_tables(results, [s for s in sizes if s <= n], works, tools)
+        print("\n# final")
+        print_tables(results, sizes, works, tools)
+    except KeyboardInterrupt as e:
+        print(f"\n# interrupted ({e or 'Ctrl-C'}): cleaning up", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if pool is not None:
+            pool.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_tables(results: dict[tuple[int, str, str], Sample], sizes: list[int], works: list[str],
+                 tools: list[str]) -> None:
+    cols = [t for t in TOOLS if t in tools]
+    ratios = [(a, b) for a in ("cli", "worker") for b in ("fabric", "pyinfra", "ssh") if a in cols and b in cols]
+    print("\n## Wall seconds (median of rounds)\n")
+    print("| hosts | work | " + " | ".join(HEADINGS[t] for t in cols) + " | "
+          + " | ".join(f"{'CLI' if a == 'cli' else 'worker'} / {b}" for a, b in ratios) + " |")
+    print("|" + "---|" * (2 + len(cols) + len(ratios)))
+    for n in sizes:
+        for w in works:
+            if (n, w, cols[0]) not in results:
+                continue
+            r = {t: results[(n, w, t)] for t in cols}
+            print(f"| {n} | {WORK_LABEL[w]} | " + " | ".join(f"{r[t].wall:.3f}" for t in cols) + " | "
+                  + " | ".join(f"{r[a].wall / r[b].wall:.2f}×" for a, b in ratios) + " |")
+    print("\n## Controller: CPU ms per host (user+sys of the tool's process tree / hosts; in brackets the")
+    print("marginal cost of one more host against the smallest count) and peak RSS MB (the largest single")
+    print("process of the tree; the worker's fork is not measured for RSS)\n")
+    rss_cols = [t for t in cols if t != "worker"]
+    print("| hosts | work | " + " | ".join(f"{HEADINGS[t]} CPU" for t in cols) + " | "
+          + " | ".join(f"{HEADINGS[t]} RSS" for t in rss_cols) + " |")
+    print("|" + "---|" * (2 + len(cols) + len(rss_cols)))
+    for n in sizes:
+        for w in works:
+            if (n, w, cols[0]) not in results:
+                continue
+            r = {t: results[(n, w, t)] for t in cols}
+            n0 = sizes[0]
+            cells = []
+            for t in cols:
+                cell = f"{r[t].cpu * 1000 / n:.1f}"
+                if n > n0 and (n0, w, t) in results:
+                    cell += f" [{(r[t].cpu - results[(n0, w, t)].cpu) * 1000 / (n - n0):.1f}]"
+                cells.append(cell)
+            print(f"| {n} | {w} | " + " | ".join(cells) + " | "
+                  + " | ".join(f"{r[t].rss_kb / 1024:.0f}" for t in rss_cols) + " |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
