@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cronium_fab.build import build_runner  # noqa: E402
-from cronium_fab.devhosts import DevHost, DevHostPool  # noqa: E402
+from cronium_fab.testing.hosts import DevHost, DevHostPool  # noqa: E402
 
 PEERS = ("fabric", "pyinfra", "ansible-core")
 TOOLS = ("ssh", "fabric", "pyinfra", "ansible", "cli", "worker")
