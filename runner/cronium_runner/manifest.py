@@ -1,4 +1,4 @@
-"""Cronium's manifest (CRONIUM.md §2): a YAML subset parser and the normalised manifest."""
+"""Cronium's manifest (docs/CRONIUM.md §2): a YAML subset parser and the normalised manifest."""
 from . import RunnerError, jsonc
 
 INTERPRETERS = {
