@@ -372,18 +372,10 @@ def open_connection(target: HostTarget, settings: SSHSettings | None = None, *,
     except TimeoutError as e:
         conn.close()
         raise HostUnreachable("timeout", f"host {display}: SSH handshake timed out ({e})", host=display) from e
-    except paramiko.SSHException as e:
+    except (paramiko.SSHException, EOFError, ConnectionError) as e:
+        conn.close()
         if "No authentication methods available" in str(e):   # no key file, no agent, no password
-            conn.close()
             raise _no_credentials(target, conn, display, "impossible: nothing to offer") from e
-        conn.close()
-        kind = _handshake_failure_kind(e)
-        what = {"connection-reset": "the server closed or reset the connection during the SSH handshake",
-                "timeout": "the SSH handshake timed out"}.get(kind, "SSH handshake failed")
-        raise HostUnreachable(kind, f"host {display}: {what} with {conn.host}:{conn.port}: {e or type(e).__name__}",
-                              host=display) from e
-    except (EOFError, ConnectionError) as e:
-        conn.close()
         kind = _handshake_failure_kind(e)
         what = {"connection-reset": "the server closed or reset the connection during the SSH handshake",
                 "timeout": "the SSH handshake timed out"}.get(kind, "SSH handshake failed")
