@@ -36,7 +36,7 @@ from .db.engine import Database
 from .db.models import Event, Execution, Job, Log, utcnow
 from .db.queries import SCRIPT_TYPES, event_timeout_seconds
 from .errors import ConfigError
-from .records import QueueClaim, merge_metadata, new_job_id, note_attempt
+from .records import QueueClaim, holds_lease, job_lease, merge_metadata, new_job_id, note_attempt
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +85,6 @@ class Claim:
 
     def for_run(self, qs: QueueSettings) -> QueueClaim:
         return QueueClaim(qs.worker_id, self.token, self.attempt, self.max_attempts, qs.retry_backoff_s)
-
-
-def _lease(job: Job) -> dict[str, Any]:
-    meta = job.metadata_ if isinstance(job.metadata_, dict) else {}
-    lease = meta.get("lease")
-    return lease if isinstance(lease, dict) else {}
-
-
-def holds_lease(job: Job, token: str) -> bool:
-    return _lease(job).get("token") == token
 
 
 def _ssh_jobs(query: Any) -> Any:
@@ -177,16 +167,16 @@ class LeaseKeeper:
                 return "cancelled in Cronium (jobs.status = cancelled)"
             history = (job.metadata_ or {}).get("attempts") or [] if isinstance(job.metadata_, dict) else []
             last = history[-1] if history and isinstance(history[-1], dict) else {}
-            if not _lease(job) and last.get("attempt") == self.claim.attempt and last.get("status") != "LOST":
+            if not job_lease(job) and last.get("attempt") == self.claim.attempt and last.get("status") != "LOST":
                 self._done.set()   # our own run recorded its end and released the lease
                 return None
             if not holds_lease(job, self.claim.token):
                 return f"worker {self.qs.worker_id} lost its lease on the job (another worker took it over)"
-            until = datetime.fromisoformat(_lease(job)["until"])
+            until = datetime.fromisoformat(job_lease(job)["until"])
             if until < utcnow():
                 return f"worker {self.qs.worker_id} lost its lease on the job (it ran out)"
             if renew:
-                merge_metadata(job, lease=dict(_lease(job), until=(utcnow() + timedelta(seconds=self.qs.lease_s)).isoformat()))
+                merge_metadata(job, lease=dict(job_lease(job), until=(utcnow() + timedelta(seconds=self.qs.lease_s)).isoformat()))
         return None
 
 
@@ -211,7 +201,7 @@ def reap_expired(db: Database, qs: QueueSettings, *, own_only: bool = False) -> 
         query = query.with_for_update(skip_locked=True)
     with db.session() as s:
         for job in s.scalars(query):
-            lease = _lease(job)
+            lease = job_lease(job)
             if not lease:
                 continue
             try:

@@ -211,6 +211,17 @@ class QueueClaim:
     retry_backoff_s: float = 5.0
 
 
+def job_lease(job: Job) -> dict[str, Any]:
+    """``jobs.metadata.lease`` of a job a serve worker claimed ({} when none)."""
+    meta = job.metadata_ if isinstance(job.metadata_, dict) else {}
+    lease = meta.get("lease")
+    return lease if isinstance(lease, dict) else {}
+
+
+def holds_lease(job: Job, token: str) -> bool:
+    return job_lease(job).get("token") == token
+
+
 def merge_metadata(job: Job, **changes: Any) -> None:
     """Set (or, with None, remove) keys of ``jobs.metadata``, keeping the app's own."""
     meta = dict(job.metadata_ if isinstance(job.metadata_, dict) else {})
@@ -245,10 +256,7 @@ class RunRecorder:
     def _ours(self, job: Job | None) -> bool:
         if job is None:
             return False
-        if self.lease is None:
-            return True
-        lease = (job.metadata_ or {}).get("lease") if isinstance(job.metadata_, dict) else None
-        return isinstance(lease, dict) and lease.get("token") == self.lease
+        return self.lease is None or holds_lease(job, self.lease)
 
     # -- start -----------------------------------------------------------------------------
     def start(self, *, event_id: int, event_name: str, event_type: str, user_id: str,

@@ -26,13 +26,12 @@ from .jobqueue import (
     LeaseKeeper,
     QueueSettings,
     claim,
-    holds_lease,
     reap_expired,
     release,
     sqlite_worker_lock,
     wakeups,
 )
-from .records import recover_lost_runs
+from .records import holds_lease, recover_lost_runs
 from .results import RunResult
 from .settings import Settings
 
