@@ -13,7 +13,7 @@ def test_version(any_py, pyz):
     out = subprocess.run([any_py, pyz, "version"], capture_output=True, check=True).stdout
     info = json.loads(out)
     with open(pyz, "rb") as f:
-        assert info == {"version": "0.1.0", "protocol": 1, "sha256": hashlib.sha256(f.read()).hexdigest()}
+        assert info == {"version": "0.1.0", "protocol": 2, "sha256": hashlib.sha256(f.read()).hexdigest()}
 
 
 def test_serve_basic_all_pythons(any_py, pyz, tmpdir_env):
