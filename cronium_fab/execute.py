@@ -69,8 +69,8 @@ from .records import (
 )
 from .remote.connection import HostTarget, SSHSettings, connect, destination_problem, parse_destination
 from .remote.errors import DEAD_PEER, NO_RUNNER, RemoteError
-from .remote.runner_cache import runner_file_name
 from .remote.protocol import PROTOCOL
+from .remote.runner_cache import runner_file_name
 from .remote.session import Heartbeat, HostRun, probe_host, run_on_host
 from .remote.tunnel import RemoteForward
 from .results import (

@@ -363,8 +363,8 @@ class RunRecorder:
             if deployment is not None:
                 self._record_deployment(s, deployment, now)
             row = s.get(Execution, res.execution_id, with_for_update=True)
-            if row is None:
-                return
+            if row is None or row.status not in ("queued", "running"):
+                return   # closed once: a lost attempt's row (reaped, recovered) keeps its reason
             live = dict(row.execution_metadata or {})
             row.status = EXEC_STATUS[res.status]
             row.exit_code = res.exit_code
