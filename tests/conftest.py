@@ -14,6 +14,7 @@ from cronium_fab.db.engine import Database
 from cronium_fab.settings import Settings
 from cronium_fab.signing import generate_keypair
 
+
 def _unignore_stop_signals() -> None:
     """A suite started in the background of a script (`cmd &` without job control ignores SIGINT)
     or under `nohup` hands those ignores to every program the tests start, and cronium-fab keeps

@@ -12,6 +12,7 @@ import pytest
 from cronium_fab.build import RunnerArtifact, build_runner
 from cronium_fab.payloads import build_payload_content
 from cronium_fab.remote.session import Heartbeat, HostRun, run_on_host
+from tests.procs import session_processes
 
 pytestmark = pytest.mark.ssh
 
@@ -97,17 +98,6 @@ def test_bootstrap_runs_the_runner_on_python_3_8(ssh_hosts, connect, real_runner
     assert run.result is not None and run.result["status"] == "success"
 
 
-def _session_processes(host) -> list[int]:  # type: ignore[no-untyped-def]
-    """The host's SSH session processes (children of its sshd listener)."""
-    import subprocess
-
-    out: list[int] = []
-    for parent in subprocess.run(["pgrep", "-f", f"sshd -f {host.config_path}"], capture_output=True,
-                                 text=True).stdout.split():
-        out += [int(p) for p in subprocess.run(["pgrep", "-P", parent], capture_output=True, text=True).stdout.split()]
-    return out
-
-
 def test_frozen_host_ends_unresponsive_after_the_heartbeat_timeout(ssh_hosts, connect, real_runner):
     """The host's sshd session stops (SIGSTOP: TCP stays up, nothing answers): the run ends as
     ``unresponsive`` once the runner was silent for the heartbeat timeout, not at the watchdog."""
@@ -123,7 +113,7 @@ def test_frozen_host_ends_unresponsive_after_the_heartbeat_timeout(ssh_hosts, co
     frozen: list[int] = []
     try:
         assert lines.first.wait(30)
-        frozen = _session_processes(host)
+        frozen = session_processes(host.config_path)
         assert frozen
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)

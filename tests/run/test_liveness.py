@@ -18,22 +18,12 @@ from sqlalchemy import select, text
 
 from cronium_fab.db.models import Execution
 from cronium_fab.execute import RunRequest, run_event
-from tests.procs import procs_with, wait_until
+from tests.procs import procs_with, session_processes, wait_until
 from tests.run.conftest import Fleet
 
 pytestmark = pytest.mark.ssh
 
 FAST = {"CRONIUM_FAB_HEARTBEAT": "0.5", "CRONIUM_FAB_HEARTBEAT_TIMEOUT": "2"}
-
-
-def _session_processes(host) -> list[int]:  # type: ignore[no-untyped-def]
-    """The host's SSH session processes (children of its sshd listener): frozen, the host neither
-    answers nor closes the connection."""
-    out: list[int] = []
-    for parent in subprocess.run(["pgrep", "-f", f"sshd -f {host.config_path}"], capture_output=True,
-                                 text=True).stdout.split():
-        out += [int(p) for p in subprocess.run(["pgrep", "-P", parent], capture_output=True, text=True).stdout.split()]
-    return out
 
 
 @pytest.mark.timeout(120)
@@ -50,7 +40,7 @@ def test_frozen_host_ends_unreachable_soon_and_the_others_succeed(fleet: Fleet, 
 
     def freeze() -> None:
         if wait_until(lambda: (d / frozen_host.name).exists(), 60):
-            for pid in _session_processes(frozen_host):
+            for pid in session_processes(frozen_host.config_path):
                 os.kill(pid, signal.SIGSTOP)
                 frozen.append(pid)
 
