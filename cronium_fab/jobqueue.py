@@ -102,12 +102,10 @@ def claim(db: Database, qs: QueueSettings, limit: int) -> list[Claim]:
     query = _ssh_jobs(select(Job)).where(
         Job.status == "queued", Job.orchestrator_id.is_(None), Job.scheduled_for <= now
     ).order_by(Job.priority.desc(), Job.created_at, Job.id).limit(limit)
-    if db.dialect == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=Job)
+    # PostgreSQL: row locks, skipping rows another worker holds; SQLite: BEGIN IMMEDIATE (db.engine)
+    query = query.with_for_update(skip_locked=db.dialect == "postgresql", of=Job)
     claims: list[Claim] = []
     with db.session() as s:
-        if db.dialect == "sqlite":
-            s.execute(text("SELECT 1"))  # the transaction starts; the UPDATEs below take the write lock
         for job in s.scalars(query):
             event = s.get(Event, job.event_id)
             if event is None or (event.type or "").upper() not in SCRIPT_TYPES:
@@ -196,9 +194,8 @@ def reap_expired(db: Database, qs: QueueSettings, *, own_only: bool = False) -> 
     ``own_only``: only this worker id's (a restarted worker's orphans, at once). Returns job ids."""
     now = utcnow()
     reaped: list[str] = []
-    query = select(Job).where(Job.status.in_(("claimed", "running")))
-    if db.dialect == "postgresql":
-        query = query.with_for_update(skip_locked=True)
+    query = select(Job).where(Job.status.in_(("claimed", "running"))).with_for_update(
+        skip_locked=db.dialect == "postgresql")
     with db.session() as s:
         for job in s.scalars(query):
             lease = job_lease(job)
