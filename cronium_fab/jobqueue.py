@@ -321,10 +321,19 @@ def wakeups(db: Database) -> Iterator[Callable[[float], bool]]:
         conn.close()
 
 
-def jobs_table(db: Database, limit: int = 50) -> list[dict[str, Any]]:
-    """The latest jobs, for `cronium-fab jobs`."""
+def jobs_table(db: Database, limit: int = 50, *, statuses: list[str] | None = None, event_id: int | None = None,
+               worker: str | None = None) -> list[dict[str, Any]]:
+    """The latest jobs, for `cronium-fab jobs` (only those in ``statuses``, of ``event_id``, claimed
+    by ``worker``, when given)."""
+    query = select(Job)
+    if statuses:
+        query = query.where(Job.status.in_(statuses))
+    if event_id is not None:
+        query = query.where(Job.event_id == event_id)
+    if worker is not None:
+        query = query.where(Job.orchestrator_id == worker)
     with db.session() as s:
-        rows = s.scalars(select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)).all()
+        rows = s.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)).all()
         return [{"id": j.id, "event_id": j.event_id, "status": j.status, "priority": j.priority,
                  "worker": j.orchestrator_id, "attempts": j.attempts,
                  "scheduled_for": j.scheduled_for.isoformat(timespec="seconds") if j.scheduled_for else None,

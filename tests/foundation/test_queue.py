@@ -1,14 +1,21 @@
-"""Claims against a concurrent writer, on each database flavour: what a claim read is what it
-writes over (PostgreSQL: row locks and SKIP LOCKED; SQLite: the claim takes the write lock
-before it reads)."""
+"""The job queue's database side on each flavour, no hosts needed: claims against a concurrent
+writer (what a claim read is what it writes over: PostgreSQL row locks and SKIP LOCKED; SQLite
+takes the write lock before it reads) and `cronium-fab jobs`."""
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from cronium_fab.db.engine import Database
 from cronium_fab.db.models import Job
@@ -64,3 +71,34 @@ def test_a_read_for_update_on_sqlite_takes_the_write_lock(db: Database) -> None:
         finally:
             other.close()
     assert taken
+
+
+def test_jobs_lists_by_status_event_and_worker(db: Database, tmp_path: Path) -> None:
+    ev1 = add_event(db, name="a", servers=[add_server(db)])
+    ev2 = add_event(db, name="b", servers=[add_server(db, "web2")])
+    queued, _ = enqueue(db, ev1)
+    done, _ = enqueue(db, ev2)
+    with db.session() as s:
+        row = s.get(Job, queued)
+        assert row is not None and row.created_at is not None
+        s.execute(update(Job).where(Job.id == done).values(status="completed", orchestrator_id="w1",
+                                                           created_at=row.created_at + timedelta(seconds=1)))
+    env = dict(os.environ, CRONIUM_DATABASE_URL=db.url, CRONIUM_FAB_DATA_DIR=str(tmp_path), CRONIUM_FAB_WORKER="off")
+
+    def jobs(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cronium_fab", "jobs", *args], env=env, capture_output=True,
+                              text=True, cwd=tmp_path, timeout=60)
+
+    def ids(*args: str) -> list[str]:
+        out = jobs("--json", *args)
+        assert out.returncode == 0, out.stderr
+        return [j["id"] for j in json.loads(out.stdout)]
+
+    assert ids() == [done, queued]
+    assert ids("--status", "queued") == [queued]
+    assert ids("--status", "completed,failed", "--worker", "w1") == [done]
+    assert ids("--event", str(ev1)) == [queued]
+    assert ids("--limit", "1") == [done]
+    assert ids("--worker", "w2") == []
+    bad = jobs("--status", "done")
+    assert bad.returncode == 2 and "queued, claimed, running, completed, failed, cancelled" in bad.stderr
