@@ -35,8 +35,8 @@ from cronium_fab.db.models import Job  # noqa: E402
 from cronium_fab.jobqueue import enqueue  # noqa: E402
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name  # noqa: E402
 from cronium_fab.settings import Settings  # noqa: E402
+from cronium_fab.testing.factories import add_event, add_server  # noqa: E402
 from cronium_fab.testing.hosts import DevHost, DevHostPool  # noqa: E402
-from tests.factories import add_event, add_server  # noqa: E402
 
 
 def p95(xs: list[float]) -> float:

@@ -42,8 +42,8 @@ from cronium_fab.execute import RunRequest, run_event  # noqa: E402
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name  # noqa: E402
 from cronium_fab.settings import Settings  # noqa: E402
 from cronium_fab.signing import generate_keypair, load_private_key, sign_file  # noqa: E402
+from cronium_fab.testing.factories import add_event, add_server  # noqa: E402
 from cronium_fab.testing.hosts import DevHost, DevHostPool  # noqa: E402
-from tests.factories import add_event, add_server  # noqa: E402
 
 PG = os.environ.get("CRONIUM_TEST_DATABASE_URL") or "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
