@@ -129,6 +129,7 @@ class Plan:
     restore: Callable[[], None] | None = None
     kill_controller: bool = False
     hosts: tuple[str, ...] = ("ok",)
+    check: Callable[[dict[str, Any]], str | None] | None = None   # more about a host's result: what is wrong
 
 
 # --- the faults ---------------------------------------------------------------------------------
@@ -345,10 +346,14 @@ def fault_never_ends(cell: Cell) -> Plan:
 def fault_helper_flood(cell: Cell) -> Plan:
     """200 helper calls at once (in API mode: 200 concurrent requests to the helper API)."""
     m = _script_marker()
-    script = (f'for i in $(seq 200); do cronium.setVariable "v$i" "$i" & done; wait; echo {m}; '
-              'n=0; for i in $(seq 200); do [ "$(cronium.getVariable "v$i")" = "$i" ] && n=$((n+1)); done; '
-              'echo "answered $n"; [ "$n" = 200 ]')
-    return _script_fault(cell, script, 120, {"success"}, ("answered 200",), m)
+    script = f'for i in $(seq 200); do cronium.setVariable "v$i" "$i" & done; wait; echo {m}'
+
+    def all_set(host: dict[str, Any]) -> str | None:
+        got = host.get("variables") or {}
+        lost = [i for i in range(1, 201) if got.get(f"v{i}") != i]
+        return f"{len(lost)} of 200 variables lost (v{lost[0]}...)" if lost else None
+
+    return _script_fault(cell, script, 120, {"success"}, (m,), m, check=all_set)
 
 
 def fault_controller_killed(cell: Cell) -> Plan:
@@ -509,6 +514,8 @@ def _check_states(plan: Plan, result: dict[str, Any]) -> list[str]:
         if words and not any(w.lower() in said.lower() for w in words):
             wrong.append(f"{name}: {h['status']}, but the reason names none of {words}: "
                          f"{h.get('error_kind')} {(h.get('error') or '')[:200]}")
+        elif plan.check is not None and (problem := plan.check(h)):
+            wrong.append(f"{name}: {problem}")
     return wrong
 
 

@@ -1,0 +1,64 @@
+"""The fault matrix's fast subset (bench/faults.py runs many trials): every fault once on SQLite
+in bundled mode and once on PostgreSQL in API mode, on real sshd hosts. A trial fails on a hung
+run, a wrong or unexplained host state, a script process or work dir left on a host, a controller
+whose memory grew with the output, or a row left open (cronium_fab/testing/faults.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cronium_fab.testing import faults as fm
+from cronium_fab.testing.hosts import DevHostPool
+from tests.conftest import _pg_schema_url
+
+pytestmark = pytest.mark.ssh
+
+CELLS = [("sqlite", "bundled"), ("postgresql", "api")]
+
+
+@pytest.fixture(scope="module")
+def fault_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevHostPool]:
+    with fm.hosts_pool(tmp_path_factory.mktemp("fault-hosts")) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module", params=CELLS, ids=["/".join(c) for c in CELLS])
+def cell(request: pytest.FixtureRequest, fault_hosts: DevHostPool, signed_runner: Path,
+         signing_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[fm.Cell]:
+    flavour, mode = request.param
+    work = tmp_path_factory.mktemp(f"faults-{flavour}-{mode}")
+    urls = (_pg_schema_url(request.getfixturevalue("postgres_url")) if flavour == "postgresql"
+            else iter([f"sqlite:///{work / 'cronium.db'}"]))
+    for url in urls:
+        c = fm.open_cell(flavour, mode, url, fault_hosts, work, signed_runner, signing_keys)
+        yield c
+        c.db.dispose()
+
+
+def _params() -> list[object]:
+    out: list[object] = []
+    for name in fm.FAULTS:
+        marks = []
+        if name in fm.NEEDS_ROOT:
+            marks.append(pytest.mark.skipif(not fm.can_mount(), reason="mounts a filesystem: root only"))
+        if name in fm.FROZEN:
+            # the controller <-> runner heartbeat (branch `liveness`) ends a frozen peer within
+            # timeout + 10 s; until it is merged the run takes ~55 s. strict: XPASS fails, remove the mark.
+            marks.append(pytest.mark.xfail(strict=True, reason="frozen peer: needs the liveness heartbeat"))
+        out.append(pytest.param(name, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("fault", _params())
+def test_fault(cell: fm.Cell, fault: str) -> None:
+    if fault in fm.FROZEN and cell.db_flavour != "sqlite":
+        pytest.skip("one cell is enough for the slow frozen-peer trial")
+    t = fm.run_trial(cell, fault)
+    assert not t.hung, f"{fault}: ran {t.seconds:.1f} s, bound {t.bound:.0f} s; {t.wrong_state}"
+    assert t.wrong_state == [], t.wrong_state
+    assert t.leftovers == [], t.leftovers
+    assert t.lost_rows == [], t.lost_rows
+    assert not t.rss_over, f"controller peak RSS {t.rss_kib // 1024} MiB, baseline {cell.baseline_rss_kib // 1024}"
