@@ -17,8 +17,9 @@ At ``--samples`` points it prints, for the long-lived process: open fds, threads
 live children, its TCP connections to PostgreSQL (``--db postgresql``: the database connections
 it holds, read from /proc/net/tcp, so other users of the same server do not count), and on the
 hosts: processes below the sshd listeners and entries in the hosts' TMPDIRs (leftover scripts or
-work dirs). The verdict fits a line through the samples after the first 10 % of runs (warm-up:
-caches, lazy imports, the connection pool) and gives each figure's growth per 1,000 runs:
+work dirs); each sample is taken once the last run has wound down (or after 3 s). The verdict fits
+a line through the samples of the second half of the runs (the first half is warm-up: caches,
+lazy imports, the connection pool, the allocator) and gives each figure's growth per 1,000 runs:
 ``flat`` when under the threshold, else ``GROWS``. Every run must succeed; a failed one stops the
 soak with its output.
 """
@@ -101,7 +102,7 @@ def tcp_conns_to(port: int, inodes: set[int]) -> int:
     return n
 
 
-def sample(pid: int, runs: int, t0: float, hosts: list[DevHost]) -> Sample:
+def _sample_once(pid: int, runs: int, t0: float, hosts: list[DevHost]) -> Sample:
     st = _status(pid)
     tree = process_trees([pid])
     inodes: set[int] = set()
@@ -115,6 +116,17 @@ def sample(pid: int, runs: int, t0: float, hosts: list[DevHost]) -> Sample:
                   host_tmp=sum(len(os.listdir(h.tmp_dir)) for h in hosts))
 
 
+def sample(pid: int, runs: int, t0: float, hosts: list[DevHost], settle: float = 3.0) -> Sample:
+    """A sample once the last run has wound down (its fork exited, its host threads and the hosts'
+    sshd sessions ended: a run is recorded a moment before they are gone), or after ``settle`` s."""
+    deadline = time.monotonic() + settle
+    s = _sample_once(pid, runs, t0, hosts)
+    while (s.children or s.host_procs or s.threads > 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        s = _sample_once(pid, runs, t0, hosts)
+    return s
+
+
 def slope_per_1000(xs: list[float], ys: list[float]) -> float:
     n = len(xs)
     if n < 2:
@@ -125,7 +137,7 @@ def slope_per_1000(xs: list[float], ys: list[float]) -> float:
 
 
 def verdict(samples: list[Sample], runs: int) -> dict[str, tuple[float, bool]]:
-    steady = [s for s in samples if s.runs >= runs // 10] or samples
+    steady = [s for s in samples if s.runs >= runs // 2] or samples
     out = {}
     for k, limit in THRESHOLDS.items():
         xs = [float(s.runs) for s in steady]
@@ -224,7 +236,7 @@ def main() -> int:
                     samples.append(sample(target.pid, i, t0, hosts))
                     show(samples[-1], samples[-2])
             result = verdict(samples, args.runs)
-            print("\nverdict (growth per 1,000 runs after the first 10 %, least squares):")
+            print("\nverdict (growth per 1,000 runs over the second half, least squares):")
             for k, (g, flat) in result.items():
                 print(f"  {k:10s} {g:+10.2f}  {'flat' if flat else 'GROWS'}")
             ok = all(flat for _, flat in result.values())
