@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,17 +53,10 @@ def pg_schema(db: str = "postgresql") -> Iterator[str | None]:
     if db != "postgresql":
         yield None
         return
-    import psycopg
+    from cronium_fab.testing.pg import private_schema
 
-    schema = f"cfab_bench_{uuid.uuid4().hex[:8]}"
-    dsn = PG.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{PG}{'&' if '?' in PG else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with private_schema(PG, "cfab_bench_") as url:
+        yield url
 
 
 def timed(cmd: list[str] | str, env: dict[str, str] | None = None, shell: bool = False) -> float:

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_queue import serve  # noqa: E402
 from bench_run_event import cli_env, pg_schema, setup, start_worker  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
@@ -154,18 +155,6 @@ def run_cli(env: dict[str, str], event: int) -> None:
         raise SystemExit(f"run-event exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
 
 
-def serve_proc(env: dict[str, str], work: Path) -> subprocess.Popen[bytes]:
-    log = work / "serve.log"
-    proc = subprocess.Popen([CLI, "serve", "--worker-id", "soak"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=log.open("wb"))
-    deadline = time.monotonic() + 30
-    while "serving" not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"serve did not start: {log.read_text()}")
-        time.sleep(0.05)
-    return proc
-
-
 def run_job(db: Database, event: int, timeout: float = 120) -> None:
     job_id, _ = enqueue(db, event)
     deadline = time.monotonic() + timeout
@@ -203,7 +192,7 @@ def main() -> int:
             env = dict(cli_env(settings), CRONIUM_FAB_WORKER_SOCKET=str(work / "w.sock"))
             db = Database(settings.database_url)
             if args.serve:
-                target = serve_proc(env, work)
+                target = serve(env, work, "soak")
                 procs.append(target)
 
                 def one() -> None:
