@@ -1,5 +1,6 @@
-"""The fault matrix's fast subset (bench/faults.py runs many trials): every fault once on SQLite
-in bundled mode and once on PostgreSQL in API mode, on real sshd hosts. A trial fails on a hung
+"""The fault matrix's fast subset (bench/faults.py runs many trials of each fault in each cell):
+every fault once, on real sshd hosts, half of them on SQLite in bundled mode and half on PostgreSQL
+in API mode (the helper flood and the killed controller there). A trial fails on a hung
 run, a wrong or unexplained host state, a script process or work dir left on a host, a controller
 whose memory grew with the output, or a row left open (cronium_fab/testing/faults.py)."""
 
@@ -17,6 +18,8 @@ from tests.conftest import _pg_schema_url
 pytestmark = pytest.mark.ssh
 
 CELLS = [("sqlite", "bundled"), ("postgresql", "api")]
+API_CELL = {"connection refused", "sshd stopped before", "session killed", "host key changed", "cache not writable",
+            "ignores SIGTERM", "200 MB output", "controller killed", "helper flood"}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def fault_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevHostPoo
         yield pool
 
 
-@pytest.fixture(scope="module", params=CELLS, ids=["/".join(c) for c in CELLS])
+@pytest.fixture(scope="module")
 def cell(request: pytest.FixtureRequest, fault_hosts: DevHostPool, signed_runner: Path,
          signing_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[fm.Cell]:
     flavour, mode = request.param
@@ -48,14 +51,13 @@ def _params() -> list[object]:
             # the controller <-> runner heartbeat (branch `liveness`) ends a frozen peer within
             # timeout + 10 s; until it is merged the run takes ~55 s. strict: XPASS fails, remove the mark.
             marks.append(pytest.mark.xfail(strict=True, reason="frozen peer: needs the liveness heartbeat"))
-        out.append(pytest.param(name, marks=marks))
+        where = CELLS[1] if name in API_CELL else CELLS[0]
+        out.append(pytest.param(name, where, marks=marks, id=f"{name}-{'/'.join(where)}"))
     return out
 
 
-@pytest.mark.parametrize("fault", _params())
+@pytest.mark.parametrize(("fault", "cell"), _params(), indirect=["cell"])
 def test_fault(cell: fm.Cell, fault: str) -> None:
-    if fault in fm.FROZEN and cell.db_flavour != "sqlite":
-        pytest.skip("one cell is enough for the slow frozen-peer trial")
     t = fm.run_trial(cell, fault)
     assert not t.hung, f"{fault}: ran {t.seconds:.1f} s, bound {t.bound:.0f} s; {t.wrong_state}"
     assert t.wrong_state == [], t.wrong_state
