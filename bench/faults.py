@@ -69,7 +69,7 @@ def main() -> int:
                             if not t.ok:
                                 print(f"  FAIL {fault} [{t.cell}] {t.seconds:.1f}s/{t.bound:.0f}s hung={t.hung} "
                                       f"wrong={t.wrong_state} left={t.leftovers[:3]} rows={t.lost_rows} "
-                                      f"rss={t.rss_kib // 1024}MiB", flush=True)
+                                      f"rss={t.rss_kib // 1024}MiB said={t.said}", flush=True)
                     cell.db.dispose()
     rows = fm.summarize(trials)
     print(f"\n{len(trials)} trials in {time.monotonic() - t0:.0f} s\n")

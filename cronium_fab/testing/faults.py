@@ -111,6 +111,7 @@ class Trial:
     lost_rows: list[str] = field(default_factory=list)
     rss_kib: int = 0
     rss_over: bool = False
+    said: list[str] = field(default_factory=list)   # each host: state, kind, error (what the run said)
 
     @property
     def ok(self) -> bool:
@@ -561,6 +562,8 @@ def run_trial(cell: Cell, fault: str) -> Trial:
             trial.wrong_state.append(f"exit {proc.returncode}, no JSON result: {out[-300:]!r}")
         if result:
             trial.wrong_state += _check_states(plan, result)
+            trial.said = [f"{h.get('name')}: {h.get('status')} {h.get('error_kind')} {(h.get('error') or '')[:160]}"
+                          for h in result.get("hosts", [])]
         if trial.hung:   # killed at bound + HARD_LIMIT: its rows are the next process's to close
             _recover(cell)
     trial.leftovers = _leftovers(cell, plan)
@@ -589,6 +592,6 @@ def summarize(trials: list[Trial]) -> list[dict[str, Any]]:
         if not t.ok and len(r["examples"]) < 3:
             r["examples"].append({"cell": t.cell, "seconds": round(t.seconds, 1), "hung": t.hung,
                                   "wrong_state": t.wrong_state, "leftovers": t.leftovers[:5],
-                                  "lost_rows": t.lost_rows, "rss_kib": t.rss_kib})
+                                  "lost_rows": t.lost_rows, "rss_kib": t.rss_kib, "said": t.said})
     return list(rows.values())
 
