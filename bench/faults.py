@@ -5,8 +5,8 @@ Run by hand (not a test; needs root for the two mount faults)::
     flock /tmp/cronium-bench.lock .venv/bin/python bench/faults.py [--trials 8] [--quick]
         [--db sqlite,postgresql] [--mode bundled,api] [--fault NAME ...] [--json faults.json]
 
-Each trial and its checks: ``cronium_fab/testing/faults.py``. 16 faults x 4 cells x ``--trials`` 8
-= 512 trials. ``--quick``: 1 trial per fault and cell. Prints fault x trials x hung x wrong state x
+Each trial and its checks: ``cronium_fab/testing/faults.py``. 17 faults x 4 cells x ``--trials`` 8
+= 544 trials. ``--quick``: 1 trial per fault and cell. Prints fault x trials x hung x wrong state x
 leftovers x lost rows (and the controller's peak RSS, the slowest trial against its bound), then
 the failures; exit 1 when any cell is not 0.
 """

@@ -128,7 +128,8 @@ class Plan:
     marker: str
     during: Callable[[subprocess.Popen[str]], None] | None = None   # in a thread once the script runs
     restore: Callable[[], None] | None = None
-    kill_controller: bool = False
+    kill_controller: str = ""   # "kill": SIGKILL it once the script runs; "freeze": SIGSTOP it
+    frozen_for: list[float] = field(default_factory=list)   # "freeze": seconds until the scripts were gone
     hosts: tuple[str, ...] = ("ok",)
     check: Callable[[dict[str, Any]], str | None] | None = None   # more about a host's result: what is wrong
 
@@ -365,7 +366,24 @@ def fault_controller_killed(cell: Cell) -> Plan:
     ev = _event(cell, [ok, bad], f'echo started; exec -a "{m}" sleep 60', 120)
     names = _names(cell, [ok, bad])
     # the controller's end is never recorded: `recover` closes the rows (checked by _check_rows)
-    return Plan(ev, {n: ({"killed"}, ()) for n in names}, 10 + GRACE, m, kill_controller=True, hosts=("ok", "bad"))
+    return Plan(ev, {n: ({"killed"}, ()) for n in names}, 10 + GRACE, m, kill_controller="kill", hosts=("ok", "bad"))
+
+
+def fault_controller_frozen(cell: Cell) -> Plan:
+    """The controller SIGSTOPped once the scripts run: the runners stop them (no answer from the
+    controller), within 10 s; then it is killed and `recover` closes its rows."""
+    plan = fault_controller_killed(cell)
+    plan.kill_controller, plan.bound = "freeze", _frozen_bound(0)
+
+    def during(proc: subprocess.Popen[str]) -> None:
+        os.kill(proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_until(lambda: not procs_with(plan.marker), plan.bound + 5, 0.1)
+        plan.frozen_for.append(time.monotonic() - t0)
+        proc.kill()
+
+    plan.during = during
+    return plan
 
 
 FAULTS: dict[str, Callable[[Cell], Plan]] = {
@@ -384,11 +402,12 @@ FAULTS: dict[str, Callable[[Cell], Plan]] = {
     "200 MB output": fault_flood,
     "never ends": fault_never_ends,
     "controller killed": fault_controller_killed,
+    "controller frozen": fault_controller_frozen,
     "helper flood": fault_helper_flood,
 }
 NEEDS_ROOT = {"cache not writable", "disk full"}
 # the frozen-peer keepalive (issue 14) is the `liveness` branch's: until it is merged these exceed their bound
-FROZEN = {"sshd stopped during"}
+FROZEN = {"sshd stopped during", "controller frozen"}
 
 
 # --- a cell and a trial ----------------------------------------------------------------------------
@@ -531,7 +550,7 @@ def run_trial(cell: Cell, fault: str) -> Trial:
     trial = Trial(fault, f"{cell.db_flavour}/{cell.mode}", 0.0, plan.bound)
     try:
         proc, seconds, rss, out = _run(cell, plan.event, plan.bound + HARD_LIMIT, during=plan.during,
-                                       kill_when=(lambda: True) if plan.kill_controller else None,
+                                       kill_when=(lambda: True) if plan.kill_controller == "kill" else None,
                                        marker=plan.marker)
     finally:
         if plan.restore is not None:
@@ -542,7 +561,7 @@ def run_trial(cell: Cell, fault: str) -> Trial:
         # bound: the remote scripts are gone within it of the kill (the runners noticed)
         t_kill = time.monotonic()
         wait_until(lambda: not procs_with(plan.marker), plan.bound + HARD_LIMIT, 0.1)
-        trial.seconds = time.monotonic() - t_kill
+        trial.seconds = plan.frozen_for[0] if plan.frozen_for else time.monotonic() - t_kill
         trial.hung = trial.seconds > plan.bound or proc.returncode != -signal.SIGKILL
         said = _recover(cell)
         if "closed 1 run(s)" not in said:
