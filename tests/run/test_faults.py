@@ -53,7 +53,7 @@ def _params() -> list[object]:
             marks.append(pytest.mark.xfail(strict=True, reason="frozen peer: needs the liveness heartbeat"))
         where = CELLS[1] if name in API_CELL else CELLS[0]
         out.append(pytest.param(name, where, marks=marks, id=f"{name}-{'/'.join(where)}"))
-    return out
+    return sorted(out, key=lambda p: CELLS.index(p.values[1]))   # type: ignore[attr-defined]  # a cell once
 
 
 @pytest.mark.parametrize(("fault", "cell"), _params(), indirect=["cell"])
