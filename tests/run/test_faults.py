@@ -6,17 +6,19 @@ whose memory grew with the output, or a row left open (cronium_fab/testing/fault
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from cronium_fab.testing import faults as fm
 from cronium_fab.testing.hosts import DevHostPool
-from tests.conftest import _pg_schema_url
+from cronium_fab.testing.pg import private_schema
 
 pytestmark = pytest.mark.ssh
 
+CellOf = Callable[[tuple[str, str]], fm.Cell]
 CELLS = [("sqlite", "bundled"), ("postgresql", "api")]
 API_CELL = {"connection refused", "sshd stopped before", "session killed", "host key changed", "cache not writable",
             "ignores SIGTERM", "200 MB output", "controller killed", "helper flood"}
@@ -29,16 +31,22 @@ def fault_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevHostPoo
 
 
 @pytest.fixture(scope="module")
-def cell(request: pytest.FixtureRequest, fault_hosts: DevHostPool, signed_runner: Path,
-         signing_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[fm.Cell]:
-    flavour, mode = request.param
-    work = tmp_path_factory.mktemp(f"faults-{flavour}-{mode}")
-    urls = (_pg_schema_url(request.getfixturevalue("postgres_url")) if flavour == "postgresql"
-            else iter([f"sqlite:///{work / 'cronium.db'}"]))
-    for url in urls:
-        c = fm.open_cell(flavour, mode, url, fault_hosts, work, signed_runner, signing_keys)
-        yield c
-        c.db.dispose()
+def cells(postgres_url: str, fault_hosts: DevHostPool, signed_runner: Path,
+          signing_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellOf]:
+    """Each cell opened once, when a test first needs it."""
+    opened: dict[tuple[str, str], fm.Cell] = {}
+    with contextlib.ExitStack() as stack:
+        def get(where: tuple[str, str]) -> fm.Cell:
+            if where not in opened:
+                flavour, mode = where
+                work = tmp_path_factory.mktemp(f"faults-{flavour}-{mode}")
+                url = (stack.enter_context(private_schema(postgres_url))
+                       if flavour == "postgresql" else f"sqlite:///{work / 'cronium.db'}")
+                opened[where] = fm.open_cell(flavour, mode, url, fault_hosts, work, signed_runner, signing_keys)
+                stack.callback(opened[where].db.dispose)
+            return opened[where]
+
+        yield get
 
 
 def _params() -> list[object]:
@@ -53,11 +61,12 @@ def _params() -> list[object]:
             marks.append(pytest.mark.xfail(strict=True, reason="frozen peer: needs the liveness heartbeat"))
         where = CELLS[1] if name in API_CELL else CELLS[0]
         out.append(pytest.param(name, where, marks=marks, id=f"{name}-{'/'.join(where)}"))
-    return sorted(out, key=lambda p: CELLS.index(p.values[1]))   # type: ignore[attr-defined]  # a cell once
+    return out
 
 
-@pytest.mark.parametrize(("fault", "cell"), _params(), indirect=["cell"])
-def test_fault(cell: fm.Cell, fault: str) -> None:
+@pytest.mark.parametrize(("fault", "where"), _params())
+def test_fault(cells: CellOf, fault: str, where: tuple[str, str]) -> None:
+    cell = cells(where)
     t = fm.run_trial(cell, fault)
     assert not t.hung, f"{fault}: ran {t.seconds:.1f} s, bound {t.bound:.0f} s; {t.wrong_state}"
     assert t.wrong_state == [], t.wrong_state
