@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -47,6 +48,13 @@ def main() -> int:
         faults = [f for f in faults if f not in fm.NEEDS_ROOT]
         print(f"# not root: not run: {', '.join(skipped)}")
     work = Path(tempfile.mkdtemp(prefix="cfab-faults-"))
+    try:
+        return matrix(args, faults, trials_each, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def matrix(args: argparse.Namespace, faults: list[str], trials_each: int, work: Path) -> int:
     keys = (work / "keys" / "cosign.key", work / "keys" / "cosign.pub")
     generate_keypair(*keys)
     art = build_runner(ROOT / "runner", work / "dist")
