@@ -240,7 +240,7 @@ def setup_ours(work: Path, hosts: list[DevHost], keys: tuple[Path, Path], runner
 
     from cronium_fab.db.engine import Database
     from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
-    from tests.factories import add_event, add_server
+    from cronium_fab.testing.factories import add_event, add_server
 
     data_dir = work / "data"
     db_url = f"sqlite:///{work / 'cronium.db'}"

@@ -16,7 +16,7 @@ import sys
 from . import jsonc
 from .lite import quote
 
-COMMANDS = ("input", "output", "getVariable", "setVariable", "setCondition", "event")
+COMMANDS = ("input", "output", "getVariable", "setVariable", "setCondition", "event", "detach")
 
 _SITECUSTOMIZE = '''\
 import builtins as _b
