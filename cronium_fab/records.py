@@ -66,6 +66,10 @@ _FINISH_READ = (select(_EXECUTIONS.c.started_at, _EXECUTIONS.c.execution_metadat
 _FINISH_WRITE = update(_EXECUTIONS).where(_EXECUTIONS.c.id == bindparam("eid"))
 _DEPLOYMENT_WHERE = (_DEPLOYMENTS.c.server_id == bindparam("sid"), _DEPLOYMENTS.c.checksum == bindparam("sum"))
 _DEPLOYMENT_USED = update(_DEPLOYMENTS).where(*_DEPLOYMENT_WHERE)
+# the run's end: host rows still open (a bug, an abort) closed in one statement
+_CLOSE_OPEN = (update(_EXECUTIONS).where(_EXECUTIONS.c.id.in_(bindparam("ids", expanding=True)),
+                                         _EXECUTIONS.c.status.in_(("queued", "running")))
+               .values(status=bindparam("to_status"), error=bindparam("reason"), completed_at=bindparam("now")))
 
 def host_state_of(exec_status: str, recorded: object) -> str:
     """A stored host's state: the ``host_status`` we recorded, else read from executions.status
@@ -439,10 +443,9 @@ class RunRecorder:
         exit_code = run_exit_code(hosts)
         job_result = clean_json(job_result_of(result))
         with self._lock, self.db.session() as s:
-            for eid in open_executions:  # a host row a bug left open must not stay "running"
-                row = s.get(Execution, eid)
-                if row is not None and row.status in ("queued", "running"):
-                    row.status, row.error, row.completed_at = "failed", "not recorded (internal error)", now
+            if open_executions:  # a host row a bug left open must not stay "running"
+                s.connection().execute(_CLOSE_OPEN, {"ids": open_executions, "to_status": "failed",
+                                                     "reason": "not recorded (internal error)", "now": now})
             job = s.get(Job, ctx.job_id, with_for_update=self.lease is not None)
             if not self._ours(job):   # a worker that lost its lease: its host rows only
                 return
@@ -501,12 +504,9 @@ class RunRecorder:
         """Bring every row still open to a terminal state (used on errors and interrupts)."""
         now = utcnow()
         with self._lock, self.db.session() as s:
-            for eid in execution_ids:
-                row = s.get(Execution, eid)
-                if row is not None and row.status in ("queued", "running"):
-                    row.status = "cancelled"
-                    row.error = clean_text(reason)
-                    row.completed_at = now
+            if execution_ids:
+                s.connection().execute(_CLOSE_OPEN, {"ids": list(execution_ids), "to_status": "cancelled",
+                                                     "reason": clean_text(reason), "now": now})
             job = s.get(Job, ctx.job_id)
             if not self._ours(job):
                 return
