@@ -27,8 +27,8 @@ from cronium_fab.records import set_variable  # noqa: E402
 from cronium_fab.remote.connection import HostTarget, SSHSettings, open_connection  # noqa: E402
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name  # noqa: E402
 from cronium_fab.remote.tunnel import RemoteForward  # noqa: E402
+from cronium_fab.testing.factories import add_user  # noqa: E402
 from cronium_fab.testing.hosts import DevHostPool  # noqa: E402
-from tests.factories import add_user  # noqa: E402
 
 SCRIPT = r'''
 import os, sys, time, types, json

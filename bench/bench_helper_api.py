@@ -97,19 +97,10 @@ def private_schema(url: str | None) -> Iterator[str | None]:
     if not url or not url.startswith("postgresql"):
         yield url
         return
-    import uuid
+    from cronium_fab.testing.pg import private_schema as schema
 
-    import psycopg
-
-    schema = f"cfab_bench_{uuid.uuid4().hex[:10]}"
-    dsn = url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with schema(url, "cfab_bench_") as scoped:
+        yield scoped
 
 
 def main() -> None:

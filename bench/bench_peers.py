@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -240,7 +241,7 @@ def setup_ours(work: Path, hosts: list[DevHost], keys: tuple[Path, Path], runner
 
     from cronium_fab.db.engine import Database
     from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
-    from tests.factories import add_event, add_server
+    from cronium_fab.testing.factories import add_event, add_server
 
     data_dir = work / "data"
     db_url = f"sqlite:///{work / 'cronium.db'}"
@@ -277,15 +278,17 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 # --- the runner's CPU on a target ------------------------------------------------------------
-def runner_cpu(work: Path, runners: list[tuple[str, Path, str]], n: int) -> list[tuple[str, float, float]]:
+def runner_cpu(work: Path, runners: list[tuple[str, Path, str, Callable[[str], str]]],
+               n: int) -> list[tuple[str, float, float]]:
     """CPU and wall ms per run (medians): bare interpreters vs the bootstrap + runner as over SSH, for
-    each ``(label, runner pyz, sha256)``; every runner has its own target home (and caches)."""
+    each ``(label, runner pyz, sha256, bootstrap command of that sha)``; every runner has its own
+    target home (and caches)."""
     from cronium_fab.payloads import build_payload_content
     from cronium_fab.remote.protocol import encode_input
-    from cronium_fab.remote.runner_cache import bootstrap_command, runner_file_name
+    from cronium_fab.remote.runner_cache import runner_file_name
 
     envs: dict[str, dict[str, str]] = {}
-    for label, runner, sha in runners:
+    for label, runner, sha, _ in runners:
         home = work / f"target-{len(envs)}"
         cache = home / "cache" / "cronium"
         cache.mkdir(parents=True, mode=0o700)
@@ -309,7 +312,7 @@ def runner_cpu(work: Path, runners: list[tuple[str, Path, str]], n: int) -> list
         "python3 -I -S -c pass (bare)": ([SYSTEM_PYTHON, "-I", "-S", "-c", "pass"], None, bare_env),
         "python3 -c pass": ([SYSTEM_PYTHON, "-c", "pass"], None, bare_env),
     }
-    for label, _, sha in runners:
+    for label, _, sha, bootstrap_command in runners:
         boot = ["sh", "-c", bootstrap_command(sha)]
         ways[f"{label}, BASH event `true`"] = (boot, stdin_for("BASH", "true"), envs[label])
         ways[f"{label}, PYTHON event `pass`"] = (boot, stdin_for("PYTHON", "pass"), envs[label])
@@ -374,7 +377,7 @@ def main() -> None:
     ap.add_argument("--peers-venv", help="an existing venv with fabric, pyinfra and ansible-core (else: installed)")
     ap.add_argument("--runner-cpu", type=int, default=20, help="iterations of the runner CPU measurement (0: skip)")
     ap.add_argument("--runner-cpu-only", action="store_true", help="only the runner CPU measurement")
-    ap.add_argument("--runner-revs", help="git revisions whose runner/ is measured too (comma-separated)")
+    ap.add_argument("--runner-revs", help="git revisions whose runner (and bootstrap) is measured too (comma-separated)")
     ap.add_argument("--ready-timeout", type=float, default=180.0)
     args = ap.parse_args()
     sizes = sorted(int(x) for x in args.hosts.split(","))
@@ -398,15 +401,18 @@ def main() -> None:
         art = build_runner(ROOT / "runner", tmp / "dist")
         sign_file(art.path, load_private_key(keys[0]))
         if args.runner_cpu or args.runner_cpu_only:
-            runners = [("runner", art.path, art.sha256)]
+            from cronium_fab.remote.runner_cache import bootstrap_command
+            runners = [("runner", art.path, art.sha256, bootstrap_command)]
             for rev in filter(None, (args.runner_revs or "").split(",")):
                 src = tmp / f"src-{len(runners)}"
                 src.mkdir()
-                tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "runner"], check=True,
-                                     capture_output=True).stdout
+                tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "runner",
+                                      "cronium_fab/remote/runner_cache.py"], check=True, capture_output=True).stdout
                 subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
                 old = build_runner(src / "runner", src / "dist")
-                runners.append((f"runner@{rev}", old.path, old.sha256))
+                ns: dict[str, Any] = {"__name__": "runner_cache_at_rev"}   # that revision's bootstrap too
+                exec(compile((src / "cronium_fab/remote/runner_cache.py").read_text(), "runner_cache", "exec"), ns)
+                runners.append((f"runner@{rev}", old.path, old.sha256, ns["bootstrap_command"]))
             n_cpu = max(args.runner_cpu, 1)
             print_runner_cpu(runner_cpu(tmp, runners, n_cpu), n_cpu)
         if args.runner_cpu_only:

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import paramiko  # noqa: E402
-import psycopg  # noqa: E402
-from bench_run_event import cli_env, setup, start_worker  # noqa: E402
+from bench_run_event import cli_env, pg_schema, setup, start_worker  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from cronium_fab.db.engine import Database  # noqa: E402
@@ -38,10 +35,8 @@ from cronium_fab.db.models import Job  # noqa: E402
 from cronium_fab.jobqueue import enqueue  # noqa: E402
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name  # noqa: E402
 from cronium_fab.settings import Settings  # noqa: E402
+from cronium_fab.testing.factories import add_event, add_server  # noqa: E402
 from cronium_fab.testing.hosts import DevHost, DevHostPool  # noqa: E402
-from tests.factories import add_event, add_server  # noqa: E402
-
-PG = os.environ.get("CRONIUM_TEST_DATABASE_URL") or "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def p95(xs: list[float]) -> float:
@@ -91,11 +86,12 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=10)
     ap.add_argument("--jobs", type=int, default=30)
     args = ap.parse_args()
-    schema = f"cfab_bench_{uuid.uuid4().hex[:8]}"
-    dsn = PG.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    url = f"{PG}{'&' if '?' in PG else '?'}options=-csearch_path%3D{schema}"
+    with pg_schema() as url:
+        assert url is not None
+        run(args, url)
+
+
+def run(args: argparse.Namespace, url: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="cfab-bench-queue-"))
     pool = DevHostPool(work / "hosts")
     procs: list[subprocess.Popen[bytes]] = []
@@ -154,8 +150,6 @@ def main() -> None:
     finally:
         stop(procs)
         pool.stop()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 if __name__ == "__main__":

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
@@ -38,8 +41,22 @@ from cronium_fab.execute import RunRequest, run_event  # noqa: E402
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name  # noqa: E402
 from cronium_fab.settings import Settings  # noqa: E402
 from cronium_fab.signing import generate_keypair, load_private_key, sign_file  # noqa: E402
+from cronium_fab.testing.factories import add_event, add_server  # noqa: E402
 from cronium_fab.testing.hosts import DevHost, DevHostPool  # noqa: E402
-from tests.factories import add_event, add_server  # noqa: E402
+
+PG = os.environ.get("CRONIUM_TEST_DATABASE_URL") or "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def pg_schema(db: str = "postgresql") -> Iterator[str | None]:
+    """``db="postgresql"``: a private schema on ``PG`` (dropped after), as a database URL; else None (SQLite)."""
+    if db != "postgresql":
+        yield None
+        return
+    from cronium_fab.testing.pg import private_schema
+
+    with private_schema(PG, "cfab_bench_") as url:
+        yield url
 
 
 def timed(cmd: list[str] | str, env: dict[str, str] | None = None, shell: bool = False) -> float:
@@ -97,8 +114,6 @@ def host_phases(settings: Settings) -> tuple[float, float]:
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
-    import os
-
     return dict(os.environ, CRONIUM_DATABASE_URL=settings.database_url, CRONIUM_FAB_DATA_DIR=str(settings.data_dir),
                 CRONIUM_FAB_SIGNING_KEY=str(settings.signing_key), CRONIUM_FAB_PUBLIC_KEY=str(settings.public_key),
                 CRONIUM_FAB_RUNNER=str(settings.runner_path), CRONIUM_FAB_PAYLOAD_DIR=str(settings.payload_dir),

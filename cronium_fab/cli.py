@@ -636,17 +636,31 @@ def recover(c: Any) -> None:
           file=sys.stderr)
 
 
-@task(name="jobs", help={"json": "print the jobs as one JSON document"})
+@task(name="jobs", auto_shortflags=False,
+      help={"status": "only jobs in these states (comma-separated: queued, claimed, running, completed, failed, "
+                      "cancelled)",
+            "event": "only this event's jobs", "worker": "only jobs this worker id claimed",
+            "limit": "how many, newest first (default 50)", "json": "print the jobs as one JSON document"})
 @user_errors
-def jobs(c: Any, json: bool = False) -> None:  # noqa: A002
+def jobs(c: Any, status: str | None = None, event: str | None = None, worker: str | None = None,
+         limit: str = "50", json: bool = False) -> None:  # noqa: A002
     """List the latest jobs with their status, worker and attempts."""
     import json as jsonlib
+    from typing import get_args
 
     from .jobqueue import jobs_table
+    from .records import JobStatus
 
+    known = get_args(JobStatus)
+    states = [x.strip() for x in status.split(",") if x.strip()] if status else None
+    unknown = [x for x in states or [] if x not in known]
+    if unknown or states == []:
+        raise Exit(f"cronium-fab: error: --status {status!r}: the states are {', '.join(known)}", code=EXIT_USAGE)
+    event_id = _positive_int("--event", event) if event is not None else None
+    n = _positive_int("--limit", limit, what="how many jobs to list")
     db = _database(_settings())
     try:
-        rows = jobs_table(db)
+        rows = jobs_table(db, limit=n, statuses=states, event_id=event_id, worker=worker)
     finally:
         db.dispose()
     if json:

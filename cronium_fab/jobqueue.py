@@ -104,12 +104,10 @@ def claim(db: Database, qs: QueueSettings, limit: int) -> list[Claim]:
     query = _ssh_jobs(select(Job)).where(
         Job.status == "queued", Job.orchestrator_id.is_(None), Job.scheduled_for <= now
     ).order_by(Job.priority.desc(), Job.created_at, Job.id).limit(limit)
-    if db.dialect == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=Job)
+    # PostgreSQL: row locks, skipping rows another worker holds; SQLite: BEGIN IMMEDIATE (db.engine)
+    query = query.with_for_update(skip_locked=db.dialect == "postgresql", of=Job)
     claims: list[Claim] = []
     with db.session() as s:
-        if db.dialect == "sqlite":
-            s.execute(text("SELECT 1"))  # the transaction starts; the UPDATEs below take the write lock
         for job in s.scalars(query):
             event = s.get(Event, job.event_id)
             if event is None or (event.type or "").upper() not in SCRIPT_TYPES:
@@ -209,9 +207,8 @@ def reap_expired(db: Database, qs: QueueSettings, *, own_only: bool = False) -> 
     ``own_only``: only this worker id's (a restarted worker's orphans, at once). Returns job ids."""
     now = utcnow()
     reaped: list[str] = []
-    query = select(Job).where(Job.status.in_(("claimed", "running")))
-    if db.dialect == "postgresql":
-        query = query.with_for_update(skip_locked=True)
+    query = select(Job).where(Job.status.in_(("claimed", "running"))).with_for_update(
+        skip_locked=db.dialect == "postgresql")
     with db.session() as s:
         for job in s.scalars(query):
             lease = job_lease(job)
@@ -353,10 +350,19 @@ def wakeups(db: Database) -> Iterator[Callable[[float], bool]]:
         conn.close()
 
 
-def jobs_table(db: Database, limit: int = 50) -> list[dict[str, Any]]:
-    """The latest jobs, for `cronium-fab jobs`."""
+def jobs_table(db: Database, limit: int = 50, *, statuses: list[str] | None = None, event_id: int | None = None,
+               worker: str | None = None) -> list[dict[str, Any]]:
+    """The latest jobs, for `cronium-fab jobs` (only those in ``statuses``, of ``event_id``, claimed
+    by ``worker``, when given)."""
+    query = select(Job)
+    if statuses:
+        query = query.where(Job.status.in_(statuses))
+    if event_id is not None:
+        query = query.where(Job.event_id == event_id)
+    if worker is not None:
+        query = query.where(Job.orchestrator_id == worker)
     with db.session() as s:
-        rows = s.scalars(select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)).all()
+        rows = s.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)).all()
         return [{"id": j.id, "event_id": j.event_id, "status": j.status, "priority": j.priority,
                  "worker": j.orchestrator_id, "attempts": j.attempts,
                  "scheduled_for": j.scheduled_for.isoformat(timespec="seconds") if j.scheduled_for else None,

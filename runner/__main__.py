@@ -9,14 +9,20 @@ import sys
 
 
 def _code_cache():
-    import hashlib
+    try:   # as cronium_runner.lite.sha256: hashlib's OpenSSL import costs ~5 ms a run
+        if sys.version_info >= (3, 12):
+            from _sha2 import sha256
+        else:
+            from _sha256 import sha256
+    except ImportError:
+        from hashlib import sha256
     import marshal
     import os
     import stat
     archive = os.path.dirname(os.path.abspath(__file__))
     try:
         with open(archive, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
+            sha = sha256(f.read()).hexdigest()
     except OSError:
         return None
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

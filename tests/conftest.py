@@ -4,7 +4,6 @@ on both), signing keys, a built runner. SSH host fixtures live in tests/conftest
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,18 +86,10 @@ def postgres_url() -> Iterator[str]:
 
 def _pg_schema_url(base: str) -> Iterator[str]:
     """A private schema per test on the shared server, dropped afterwards."""
-    import psycopg
+    from cronium_fab.testing.pg import private_schema
 
-    schema = f"cfab_{uuid.uuid4().hex[:12]}"
-    dsn = base.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with private_schema(base) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

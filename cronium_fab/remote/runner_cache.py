@@ -12,10 +12,19 @@ import re
 
 # Runs under whatever python3 the host has, so it must parse on old versions (no f-strings) and
 # contain no single quote (it travels inside '...' in the shell command). argv: path, sha, args...
+# The interpreter's own SHA-256 (``_sha2`` from 3.12, ``_sha256`` before): hashlib would import
+# OpenSSL's ``_hashlib`` on every run (~5 ms of CPU).
 _HEAD = """\
 import sys
 sys.path[:] = [p for p in sys.path if p not in ("", ".")]
-import os, stat, hashlib
+import os, stat
+try:
+    if sys.version_info >= (3, 12):
+        from _sha2 import sha256
+    else:
+        from _sha256 import sha256
+except ImportError:
+    from hashlib import sha256
 """
 # Whether the runner at p is ours: a regular file of this user, in a directory of this user,
 # neither writable by group/other, whose sha256 is want. Shared by BOOT and PROBE.
@@ -32,7 +41,7 @@ def cached(p, want):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
             return False
-        h = hashlib.sha256()
+        h = sha256()
         while True:
             b = os.read(fd, 1 << 20)
             if not b:

@@ -25,8 +25,9 @@ readable whenever the channel has data, EOF or is closed). Thread count therefor
 with the number of concurrent requests: a run over N hosts adds N relay threads (Paramiko already
 runs one thread per transport), whatever the scripts do. Per-channel threads would be simpler but
 unbounded; a single process-wide thread would make one slow host's relay everyone's problem.
-Concurrent relayed connections per forward are capped (``max_channels``); beyond it new ones are
-closed at once.
+Concurrent relayed connections per forward are capped (``max_channels``); beyond it new ones wait
+in arrival order for a slot (a burst of helper calls is served, not dropped), and beyond
+``max_waiting`` waiting ones they are closed at once.
 
 Do not mix with ``Connection.forward_remote`` on the same connection: it replaces the transport's
 handler (we detect a foreign handler in ``open()`` and refuse with kind ``forwarding-conflict``).
@@ -164,6 +165,7 @@ class RemoteForward:
         remote_host: str = "127.0.0.1",
         connect_timeout: float = 5.0,
         max_channels: int = 64,
+        max_waiting: int = 1024,
         join_timeout: float = 5.0,
         name: str | None = None,
     ) -> None:
@@ -173,16 +175,18 @@ class RemoteForward:
         self.remote_host = remote_host
         self.connect_timeout = connect_timeout
         self.max_channels = max_channels
+        self.max_waiting = max_waiting
         self.join_timeout = join_timeout
         self.name = name or f"{conn.host}:{conn.port}"
         self.remote_port: int | None = None
         # Counters (read them after close() for exact values).
         self.channels_total = 0
-        self.channels_refused = 0  # local connect failed or timed out, or over max_channels
+        self.channels_refused = 0  # local connect failed or timed out, or over max_channels + max_waiting
         self._transport: paramiko.Transport | None = None
         self._dispatcher: _Dispatcher | None = None
         self._state_lock = threading.Lock()
         self._incoming: collections.deque[paramiko.Channel] = collections.deque()
+        self._active = 0   # relayed connections open (written by the relay thread)
         self._accepting = False
         self._opened = False
         self._closed = False
@@ -305,7 +309,17 @@ class RemoteForward:
         with self._state_lock:
             if not self._accepting:
                 return False
-            self._incoming.append(chan)
+            # _active is the relay thread's count (a stale read only shifts the limit by one)
+            full = self._active + len(self._incoming) >= self.max_channels + self.max_waiting
+            if not full:
+                self._incoming.append(chan)
+        if full:
+            self.channels_total += 1
+            self.channels_refused += 1
+            log.warning("host %s: %d tunnel connections open and %d waiting, refusing another", self.name,
+                        self.max_channels, self.max_waiting)
+            _close_channel_async(chan)
+            return True
         self._wake()
         return True
 
@@ -360,7 +374,7 @@ class RemoteForward:
                         self._guarded(self._on_event, sel, relays, blocked, relay, key.fd, mask)
                 if self._stop:
                     break
-                while self._incoming:
+                while self._incoming and len(relays) < self.max_channels:   # the others wait for a slot
                     chan = self._incoming.popleft()
                     try:
                         self._start(sel, relays, blocked, chan)
@@ -427,11 +441,6 @@ class RemoteForward:
     def _start(self, sel: selectors.BaseSelector, relays: set[_Relay], blocked: set[_Relay],
                chan: paramiko.Channel) -> None:
         self.channels_total += 1
-        if len(relays) >= self.max_channels:
-            self.channels_refused += 1
-            log.warning("host %s: %d tunnel connections already open, refusing another", self.name, len(relays))
-            _close_quietly(chan)
-            return
         assert self._local_addr is not None
         family, addr = self._local_addr
         try:
@@ -451,6 +460,7 @@ class RemoteForward:
             sock.close()
             raise
         relays.add(relay)
+        self._active = len(relays)
         err = sock.connect_ex(addr)
         if err == 0:
             relay.connected = True
@@ -591,6 +601,7 @@ class RemoteForward:
 
     def _finish(self, sel: selectors.BaseSelector, relays: set[_Relay], blocked: set[_Relay], relay: _Relay) -> None:
         relays.discard(relay)
+        self._active = len(relays)
         blocked.discard(relay)
         # Unregister before closing: closing the channel closes its pipe (the fd we selected on).
         if relay.chan_mask:

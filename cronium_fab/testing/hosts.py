@@ -255,7 +255,7 @@ def _proc_children() -> dict[int, list[int]]:
     return children
 
 
-def _process_trees(roots: list[int]) -> list[int]:
+def process_trees(roots: list[int]) -> list[int]:
     """The roots and all their descendants (one scan of /proc for all of them)."""
     if not os.path.isdir("/proc"):
         return list(roots)
@@ -285,7 +285,7 @@ def _kill_trees(roots: list[tuple[int, Path | None]]) -> None:
     live = [pid for pid, config_path in roots if config_path is None or str(config_path) in _cmdline(pid)]
     if not live:
         return
-    tree = _process_trees(live)
+    tree = process_trees(live)
     for p in tree:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGKILL)

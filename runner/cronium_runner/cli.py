@@ -19,9 +19,8 @@ def own_sha256():
     if not _sha_cache:
         path = getattr(globals().get("__loader__"), "archive", None) or sys.argv[0]
         try:
-            import hashlib
             with open(path, "rb") as f:
-                _sha_cache.append(hashlib.sha256(f.read()).hexdigest())
+                _sha_cache.append(lite.sha256(f.read()).hexdigest())
         except (OSError, TypeError):
             _sha_cache.append(None)
     return _sha_cache[0]

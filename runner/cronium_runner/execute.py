@@ -78,8 +78,32 @@ def _proc_table():
     return table
 
 
-def tree(sid):
-    """Live pids of the script's tree: our descendants plus anything in the script's session."""
+def detached(path, sid):
+    """Pids handed over on purpose (``cronium.detach``, docs/RUNNER.md): the lines "PID STARTTIME" of
+    the run's registry, kept while that process has that start time and a session of its own."""
+    keep = set()
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except (OSError, TypeError):
+        return keep
+    for line in lines:
+        parts = line.split()
+        try:
+            pid = int(parts[0])
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                data = f.read()
+            fields = data[data.rfind(b")") + 2:].split()
+            if len(parts) == 2 and fields[19] == parts[1] and int(fields[3]) not in (sid, 0):
+                keep.add(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return keep
+
+
+def tree(sid, keep=()):
+    """Live pids of the script's tree: our descendants plus anything in the script's session,
+    minus the processes in ``keep`` and everything below them."""
     me = os.getpid()
     table = _proc_table()
     if table is None:
@@ -91,7 +115,7 @@ def tree(sid):
     stack = [me]
     while stack:
         for c in kids.get(stack.pop(), ()):
-            if c not in out:
+            if c not in out and c not in keep:
                 out.add(c)
                 stack.append(c)
     if sid:
@@ -100,8 +124,8 @@ def tree(sid):
     return set(p for p in out if p in table and table[p][2] != b"Z")
 
 
-def signal_tree(sid, sig):
-    pids = tree(sid)
+def signal_tree(sid, sig, keep=()):
+    pids = tree(sid, keep)
     if sid:
         try:
             os.killpg(sid, sig)
@@ -239,6 +263,14 @@ class Script:
         self.pid = None
         self.out_fd = self.err_fd = None
         self.subreaper = False         # set by the caller when prctl(PR_SET_CHILD_SUBREAPER) worked
+        state = env.get("CRONIUM_HELPER_DIR") if env else None
+        self.registry = os.path.join(state, "detached") if state else None   # cronium.detach
+
+    def _tree(self):
+        return tree(self.pid, detached(self.registry, self.pid))
+
+    def _signal(self, sig):
+        return signal_tree(self.pid, sig, detached(self.registry, self.pid))
 
     @staticmethod
     def _limits(limits):
@@ -322,7 +354,7 @@ class Script:
                         kill_at = now + grace
                         grace = None
                 if grace is not None:
-                    signal_tree(self.pid, signal.SIGTERM)
+                    self._signal(signal.SIGTERM)
                     kill_at = now + grace
             if kill_at is not None and hard_done is None and now >= kill_at:
                 self.kill_all()
@@ -386,7 +418,7 @@ class Script:
     def kill_all(self):
         """SIGKILL the tree until nothing of it is left (catches forks racing the kill)."""
         for _ in range(200):
-            pids = signal_tree(self.pid, signal.SIGKILL)
+            pids = self._signal(signal.SIGKILL)
             self._reap()
             if not pids:
                 return
@@ -398,10 +430,10 @@ class Script:
         self._reap()
         if self.status is not None and self.subreaper and not self._has_children():
             pass    # as a subreaper, every live descendant would be a child of ours: nothing left
-        elif tree(self.pid):
-            signal_tree(self.pid, signal.SIGTERM)
+        elif self._tree():
+            self._signal(signal.SIGTERM)
             end = time.monotonic() + min(self.grace, 2.0)
-            while time.monotonic() < end and tree(self.pid):
+            while time.monotonic() < end and self._tree():
                 self._reap()
                 time.sleep(0.01)
             self.kill_all()

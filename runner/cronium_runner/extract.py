@@ -1,9 +1,9 @@
 """Safe extraction of a payload archive: validate every member first, then write into a private dir."""
-import hashlib
 import io
 import os
 
 from . import RunnerError
+from .lite import sha256
 from .manifest import load_manifest, normalise
 
 MAX_ENTRIES = 10000
@@ -185,7 +185,7 @@ def open_payload(payload, header_manifest=None, manifest_sha256=None,
     try:
         if header_manifest is not None and manifest_sha256:
             data = _read(tar, seen[mname][1]) if mname else b""
-            if not mname or hashlib.sha256(data).hexdigest() != str(manifest_sha256).lower():
+            if not mname or sha256(data).hexdigest() != str(manifest_sha256).lower():
                 raise RunnerError("digest", "manifest sha256 mismatch (header manifest not bound to the payload)")
             manifest = normalise(header_manifest, "header manifest")
         elif mname is None:

@@ -14,9 +14,9 @@ import stat
 import sys
 
 from . import jsonc
-from .lite import quote
+from .lite import quote, sha256
 
-COMMANDS = ("input", "output", "getVariable", "setVariable", "setCondition", "event")
+COMMANDS = ("input", "output", "getVariable", "setVariable", "setCondition", "event", "detach")
 
 _SITECUSTOMIZE = '''\
 import builtins as _b
@@ -101,10 +101,9 @@ def shared_lib(key):
     """The cached helper dir for runner ``key`` (its sha256) and this interpreter; None if unusable."""
     if not key:
         return None
-    import hashlib
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     root = os.path.join(base, "cronium", "helpers")
-    tag = hashlib.sha256((sys.executable or "python3").encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    tag = sha256((sys.executable or "python3").encode("utf-8", "surrogateescape")).hexdigest()[:16]
     lib = os.path.join(root, "%s-%s" % (str(key)[:32], tag))
     if _ready(lib):
         return lib

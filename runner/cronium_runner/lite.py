@@ -1,9 +1,18 @@
-"""Small stand-ins for ``shutil.which``, ``shutil.rmtree`` and ``shlex.quote``.
+"""Small stand-ins for ``shutil.which``, ``shutil.rmtree``, ``shlex.quote`` and ``hashlib.sha256``.
 
-The real ones cost ``shutil`` (+ ``fnmatch``, ``bz2``, ``lzma``), ``shlex`` and ``re`` at every run
-(~10 ms of CPU on a small host); these do the same for the runner's uses.
+The real ones cost ``shutil`` (+ ``fnmatch``, ``bz2``, ``lzma``), ``shlex``, ``re`` and OpenSSL's
+``_hashlib`` at every run (~15 ms of CPU on a small host); these do the same for the runner's uses.
 """
 import os
+import sys
+
+try:   # the interpreter's own SHA-256, without hashlib's OpenSSL import (~5 ms a run)
+    if sys.version_info >= (3, 12):
+        from _sha2 import sha256
+    else:
+        from _sha256 import sha256
+except ImportError:   # built without it: OpenSSL's
+    from hashlib import sha256
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@%+=:,./-")
 

@@ -1,11 +1,11 @@
 """Framing of PROTOCOL.md: the stdin preamble/header/payload and the stdout records."""
-import hashlib
 import os
 import select
 import struct
 import time
 
 from . import PROTOCOL, RunnerError, jsonc
+from .lite import sha256
 
 MAGIC_IN = b"CRONIUM-RUNNER-INPUT"
 MAX_HEADER = 16 << 20
@@ -62,7 +62,7 @@ def read_input(fd):
     if not isinstance(want, str):
         raise RunnerError("protocol", "payload_sha256 missing from header")
     payload = _read_exact(fd, psize, "payload")
-    got = hashlib.sha256(payload).hexdigest()
+    got = sha256(payload).hexdigest()
     if got != want.lower():
         raise RunnerError("digest", "payload sha256 mismatch: expected %s, got %s" % (want, got))
     return header, payload

@@ -204,13 +204,15 @@ def test_ssh_config_alias_is_resolved(ssh_hosts, tmp_path):
     conn.close()
 
 
-def test_connection_has_keepalive_and_nodelay(ssh_hosts, tmp_path):
+def test_connection_has_keepalive_nodelay_and_gcm(ssh_hosts, tmp_path):
     import socket
 
     (host,) = ssh_hosts(1)
     conn = open_connection(target(host), settings(tmp_path, "accept-new", keepalive_interval=7))
     assert conn.transport.packetizer._Packetizer__keepalive_interval == 7
     assert conn.transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    # AES-GCM (no HMAC per packet) over Paramiko's default AES-CTR + HMAC
+    assert conn.transport.local_cipher == conn.transport.remote_cipher == "aes128-gcm@openssh.com"
     conn.close()
 
 

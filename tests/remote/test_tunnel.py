@@ -333,10 +333,37 @@ def test_concurrent_requests_through_one_forward(ssh_hosts, connect, http_server
         assert fwd.channels_total == 40
 
 
-def test_max_channels_refuses_extra_connections(ssh_hosts, connect, http_server):
+def test_over_max_channels_connections_wait_for_a_slot(ssh_hosts, connect, http_server):
     (host,) = ssh_hosts(1)
     conn = connect(host)
     with RemoteForward(conn, "127.0.0.1", http_server, max_channels=1) as fwd:
+        held = socket.create_connection(("127.0.0.1", fwd.remote_port), timeout=5)  # keeps the one slot
+        held.sendall(b"GET /bytes/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held.recv(1024).startswith(b"HTTP/1.1 200")
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(get, fwd.remote_port, "/bytes/2")
+            time.sleep(0.5)
+            assert not waiting.done()          # queued behind the held connection, not refused
+            held.close()
+            assert waiting.result(10) == _body(2)
+        assert fwd.channels_refused == 0
+
+
+def test_a_burst_of_200_connections_is_served_not_dropped(ssh_hosts, connect, http_server):
+    """200 concurrent helper calls (issue 14's flood) over a 64-channel forward: all answered."""
+    (host,) = ssh_hosts(1)
+    conn = connect(host)
+    with RemoteForward(conn, "127.0.0.1", http_server, max_channels=64) as fwd:
+        with ThreadPoolExecutor(200) as pool:
+            got = list(pool.map(lambda i: get(fwd.remote_port, f"/bytes/{i}"), range(200)))
+        assert got == [_body(i) for i in range(200)]
+        assert fwd.channels_refused == 0
+
+
+def test_beyond_max_waiting_connections_are_refused(ssh_hosts, connect, http_server):
+    (host,) = ssh_hosts(1)
+    conn = connect(host)
+    with RemoteForward(conn, "127.0.0.1", http_server, max_channels=1, max_waiting=0) as fwd:
         held = socket.create_connection(("127.0.0.1", fwd.remote_port), timeout=5)  # keeps the one slot
         held.sendall(b"GET /bytes/1 HTTP/1.1\r\nHost: x\r\n\r\n")
         assert held.recv(1024).startswith(b"HTTP/1.1 200")

@@ -268,11 +268,99 @@ _USAGE = """usage: cronium.<command> [--json] [args]
   cronium.setVariable KEY [VALUE]    set a variable (argument or stdin; JSON, else a string)
   cronium.setCondition true|false    set the condition
   cronium.event                      print the context as JSON
+  cronium.detach [--log FILE] CMD... start CMD handed over: it outlives the run (prints its pid)
   --json: strict JSON in and out (strings quoted, null printed as null)
 """
 
 
+_HELPER_ENV = ("BASH_ENV", "PYTHONPATH", "NODE_PATH", "NODE_OPTIONS", "TMPDIR")
+
+
+def _handover_env():
+    """The script's environment minus the run's: no CRONIUM_* (API tokens included), no helper
+    wiring or work-dir paths (the work dir is removed after the run)."""
+    work = os.environ.get("CRONIUM_WORK_DIR") or STATE_DIR
+    ours = (_HERE, work)
+
+    def mine(p):
+        return any(p == d or p.startswith(d.rstrip("/") + "/") for d in ours if d)
+
+    env = {}
+    for k, v in os.environ.items():
+        if k.startswith("CRONIUM_"):
+            continue
+        if k in ("PATH", "PYTHONPATH", "NODE_PATH") or k in _HELPER_ENV:
+            sep = " " if k == "NODE_OPTIONS" else ":"
+            v = sep.join(p for p in v.split(sep) if p and not mine(p.split("=", 1)[-1].strip('"')))
+            if not v:
+                continue
+        env[k] = v
+    return env
+
+
+def detach(argv, log=None):
+    """Start ``argv`` handed over on purpose: its own session, cwd $HOME, stdin /dev/null, stdout and
+    stderr to ``log`` (appended; absolute path) or /dev/null, the run's environment removed. It is
+    recorded in the run's registry, so the runner neither kills it nor waits for it. Returns its pid."""
+    if not argv:
+        raise ValueError("usage: cronium.detach [--log FILE] CMD [ARGS...]")
+    if log is not None and not os.path.isabs(log):
+        raise ValueError("--log needs an absolute path (the work dir is removed after the run): %r" % log)
+    env = _handover_env()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setsid()
+            home = os.path.expanduser("~")
+            os.chdir(home if os.path.isdir(home) else "/")
+            null = os.open(os.devnull, os.O_RDWR)
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log else null
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            with _Lock():
+                with open("/proc/self/stat", "rb") as f:
+                    data = f.read()
+                start = data[data.rfind(b")") + 2:].split()[19].decode()
+                with open(_path("detached"), "a") as f:
+                    f.write("%d %s\n" % (os.getpid(), start))
+            os.closerange(3, w)
+            os.closerange(w + 1, 65536)
+            os.set_inheritable(w, False)
+            os.execvpe(argv[0], argv, env)
+        except BaseException as e:
+            try:
+                os.write(w, ("%s: %s" % (argv[0], getattr(e, "strerror", None) or e)).encode("utf-8", "replace"))
+            except BaseException:
+                pass
+        os._exit(127)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        err = f.read()            # EOF at exec (close-on-exec), else why it failed
+    if err:
+        os.waitpid(pid, 0)
+        raise OSError(err.decode("utf-8", "replace"))
+    return pid
+
+
 def main(argv):
+    if argv and argv[0].replace("_", "").lower() == "detach":   # CMD's own arguments are not ours
+        rest = argv[1:]
+        log = None
+        if rest[:1] == ["--log"] and len(rest) > 1:
+            log, rest = rest[1], rest[2:]
+        elif rest[:1] and rest[0].startswith("--log="):
+            log, rest = rest[0][6:], rest[1:]
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        try:
+            sys.stdout.write("%d\n" % detach(rest, log))
+        except (ValueError, OSError) as e:
+            sys.stderr.write("cronium.detach: %s\n" % e)
+            return 127 if isinstance(e, OSError) else 2
+        return 0
     strict = "--json" in argv
     args = [a for a in argv if a != "--json"]
     if not args or args[0] in ("-h", "--help", "help"):

@@ -1,0 +1,69 @@
+"""Looking at this machine's processes (the test hosts are on it): leftovers and argv leaks."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+def cmdlines() -> Iterator[tuple[int, bytes]]:
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    yield int(entry), f.read()
+            except OSError:
+                pass
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
+    """Polls ``predicate`` until it is true or ``timeout`` seconds passed; returns its last truth."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def procs_with(marker: str) -> list[int]:
+    """Pids whose argv contains ``marker``."""
+    return [pid for pid, cmd in cmdlines() if marker.encode() in cmd]
+
+
+@contextmanager
+def watch_argv(*needles: str) -> Iterator[list[str]]:
+    """While the block runs, record every argv (of any process) that contains one of ``needles``."""
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def scan() -> None:
+        while not stop.is_set():
+            for pid, cmd in cmdlines():
+                if any(n.encode() in cmd for n in needles):
+                    seen.append(f"pid {pid}: {cmd[:200].decode(errors='replace')}")
+            time.sleep(0.02)
+
+    t = threading.Thread(target=scan, daemon=True)
+    t.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        t.join()
+
+
+def session_processes(config_path: object) -> list[int]:
+    """The SSH session processes of the test sshd started with ``-f config_path`` (children of its
+    listener). SIGSTOPped, the host neither answers nor closes the connection: a frozen host."""
+    import subprocess
+
+    out: list[int] = []
+    for parent in subprocess.run(["pgrep", "-f", f"sshd -f {config_path}"], capture_output=True,
+                                 text=True).stdout.split():
+        out += [int(p) for p in subprocess.run(["pgrep", "-P", parent], capture_output=True, text=True).stdout.split()]
+    return out
