@@ -301,7 +301,7 @@ def runner_cpu(work: Path, runners: list[tuple[str, Path, str, Callable[[str], s
 
     def stdin_for(etype: str, content: str) -> bytes:
         pc = build_payload_content(1, etype, content)
-        header = {"protocol": 1, "manifest": pc.manifest, "manifest_sha256": pc.manifest_sha256,
+        header = {"protocol": 2, "manifest": pc.manifest, "manifest_sha256": pc.manifest_sha256,
                   "job_id": "bench", "execution_id": 1, "event_id": 1, "event_name": "bench", "server_id": 1,
                   "server_name": "bench", "user_id": "u1", "trigger": "MANUAL", "helper_mode": "bundled",
                   "env": {}, "variables": {}, "input": None, "timeout": 30, "kill_grace": 5.0, "limits": {},

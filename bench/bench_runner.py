@@ -36,7 +36,7 @@ def make_payload() -> bytes:
 
 
 def serve_input(payload: bytes) -> bytes:
-    header = {"protocol": 1, "payload_sha256": hashlib.sha256(payload).hexdigest(), "payload_size": len(payload),
+    header = {"protocol": 2, "payload_sha256": hashlib.sha256(payload).hexdigest(), "payload_size": len(payload),
               "helper_mode": "bundled", "variables": {}, "input": None, "timeout": 30}
     body = json.dumps(header).encode()
     return f"CRONIUM-RUNNER-INPUT 1 {len(body)}\n".encode() + body + payload

@@ -69,8 +69,9 @@ from .records import (
 )
 from .remote.connection import HostTarget, SSHSettings, connect, destination_problem, parse_destination
 from .remote.errors import DEAD_PEER, NO_RUNNER, RemoteError
+from .remote.protocol import PROTOCOL
 from .remote.runner_cache import runner_file_name
-from .remote.session import HostRun, probe_host, run_on_host
+from .remote.session import Heartbeat, HostRun, probe_host, run_on_host
 from .remote.tunnel import RemoteForward
 from .results import (
     FleetPlan,
@@ -697,7 +698,9 @@ class EventRun:
                         run = run_on_host(conn, plan.runner, self._header(target, res, api_header),
                                           plan.payload.content.data, on_record=on_record, cancel=self.cancel.event,
                                           watchdog_s=plan.timeout + KILL_GRACE + plan.settings.watchdog_margin,
-                                          setup_timeout_s=plan.settings.setup_timeout)
+                                          setup_timeout_s=plan.settings.setup_timeout,
+                                          heartbeat=Heartbeat(plan.settings.heartbeat_interval,
+                                                              plan.settings.heartbeat_timeout))
                         _apply_run(res, run)
                         if res.status == "cancelled" and self.cancel.reason:
                             res.error = self.cancel.message("cancelled")
@@ -758,7 +761,7 @@ class EventRun:
     def _header(self, target: Target, res: HostResult, api_header: dict[str, Any] | None) -> dict[str, Any]:
         plan, event, content = self.plan, self.plan.event, self.plan.payload.content
         header: dict[str, Any] = {
-            "protocol": 1,
+            "protocol": PROTOCOL,
             "payload_sha256": content.sha256,
             "payload_size": len(content.data),
             "manifest": content.manifest,
@@ -810,7 +813,7 @@ def _merge_api_state(res: HostResult, state: HelperState) -> None:
 
 # a host whose runner delivered no result: its state by the kind of failure (else "failure")
 STATUS_WITHOUT_RESULT: dict[str, HostStatus] = {"cancelled": "cancelled", "watchdog-timeout": "timeout",
-                                                "disconnected": "unreachable"}
+                                                "disconnected": "unreachable", "unresponsive": "unreachable"}
 # the runner's result "status" -> the host's state (anything else: "failure")
 RUNNER_STATUS: dict[str, HostStatus] = {s: s for s in ("success", "failure", "timeout", "cancelled")}
 

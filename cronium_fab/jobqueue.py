@@ -10,7 +10,8 @@ lease taken over by someone else stops the run. Rows are written only while the 
 
 A lease that runs out (the worker was killed or frozen) is reaped by any worker: the job is
 re-queued as a new attempt, never before the lost attempt's scripts are certainly dead (the runner
-on each host kills its script at the event's timeout), or failed with a clear ``last_error`` when
+on each host stops its script when the worker has been silent for the heartbeat timeout the lease
+records, or at the event's timeout), or failed with a clear ``last_error`` when
 its attempts are used up. A failed attempt is retried the same way when the event has ``retries``
 left, on the hosts that did not succeed, after a backoff.
 """
@@ -67,6 +68,7 @@ class QueueSettings:
     poll_s: float = 1.0            # look for due jobs this often (at once on NOTIFY)
     jobs: int = 1                  # jobs at once
     retry_backoff_s: float = 5.0   # before retry n: backoff * 2**(n-1), at most 300 s
+    silence_s: float | None = None  # our runners stop their scripts after this long without our heartbeat
 
     @property
     def heartbeat_s(self) -> float:
@@ -114,8 +116,11 @@ def claim(db: Database, qs: QueueSettings, limit: int) -> list[Claim]:
             job.status = "claimed"
             job.orchestrator_id = qs.worker_id
             job.updated_at = now
-            merge_metadata(job, lease={"worker": qs.worker_id, "token": token,
-                                  "until": (now + timedelta(seconds=qs.lease_s)).isoformat()})
+            lease: dict[str, Any] = {"worker": qs.worker_id, "token": token,
+                                     "until": (now + timedelta(seconds=qs.lease_s)).isoformat()}
+            if qs.silence_s is not None:
+                lease["silence_s"] = qs.silence_s
+            merge_metadata(job, lease=lease)
             payload = job.payload if isinstance(job.payload, dict) else {}
             retry_hosts = payload.get("retryHosts")
             claims.append(Claim(job.id, job.event_id, token, (job.attempts or 0) + 1, 1 + (event.retries or 0),
@@ -144,12 +149,20 @@ class LeaseKeeper:
     def _loop(self) -> None:
         interval = min(self.qs.heartbeat_s, 0.5)   # cancel within a second; the lease renews less often
         next_renew = 0.0
+        held_until = time.monotonic() + self.qs.lease_s   # the lease surely holds until then
         while not self._done.wait(interval):
             try:
-                reason = self._check(renew=time.monotonic() >= next_renew)
+                t = time.monotonic()
+                renew = t >= next_renew
+                reason = self._check(renew=renew)
+                if renew:
+                    held_until = t + self.qs.lease_s
             except Exception as exc:   # the database is away for a moment: the lease may still hold
                 log.warning("job %s: heartbeat failed: %s", self.claim.job_id, exc)
-                continue
+                if time.monotonic() < held_until:
+                    continue
+                # it may have run out: another worker may re-queue the job, so our run stops
+                reason = f"worker {self.qs.worker_id} lost its lease on the job (the database was away: {exc})"
             if reason:
                 self.lost = reason
                 self.on_stop(reason)
@@ -220,9 +233,7 @@ def reap_expired(db: Database, qs: QueueSettings, *, own_only: bool = False) -> 
             # a claim that never started goes back at once; a lost attempt is run again (at least
             # once: losing a worker is not the script's failure) while attempts remain
             if job.status == "claimed" or (job.attempts or 0) < max(2, 1 + retries):
-                timeout = event_timeout_seconds(event.timeout_value, event.timeout_unit) if event else 30.0
-                started = job.started_at or now
-                safe = started + timedelta(seconds=timeout + KILL_GRACE + _requeue_margin())
+                safe = _lost_scripts_dead(job, event, lease, now)
                 job.status, job.orchestrator_id = "queued", None
                 job.scheduled_for = max(now, safe) if job.started_at else now
                 job.last_error = why + "; re-queued"
@@ -234,6 +245,24 @@ def reap_expired(db: Database, qs: QueueSettings, *, own_only: bool = False) -> 
             job.updated_at = now
             reaped.append(job.id)
     return reaped
+
+
+def _lost_scripts_dead(job: Job, event: Event | None, lease: dict[str, Any], now: datetime) -> datetime:
+    """When every script of a lost attempt is surely dead: its runners stop a script when the
+    worker has been silent for the ``silence_s`` its lease records (the worker was silent from
+    the lease's end at the latest: a live worker that cannot renew stops its own run), and at the
+    event's timeout in any case. Each bound adds the kill grace and the re-queue margin."""
+    margin = KILL_GRACE + _requeue_margin()
+    timeout = event_timeout_seconds(event.timeout_value, event.timeout_unit) if event else 30.0
+    safe = (job.started_at or now) + timedelta(seconds=timeout + margin)
+    silence = lease.get("silence_s")
+    if isinstance(silence, int | float) and not isinstance(silence, bool):
+        try:
+            until = datetime.fromisoformat(lease["until"])
+        except (KeyError, TypeError, ValueError):
+            return safe
+        safe = min(safe, until + timedelta(seconds=float(silence) + margin))
+    return safe
 
 
 def _note(s: Session, job: Job, line: str) -> None:

@@ -61,7 +61,8 @@ _HOSTS_RUNNING = (update(_EXECUTIONS).where(_EXECUTIONS.c.id.in_(bindparam("ids"
                   .values(status="running", started_at=bindparam("now"), setup_started_at=bindparam("now"),
                           updated_at=bindparam("now")))
 # what a host's end needs from its row (locked: API-mode helpers merge into execution_metadata)
-_FINISH_READ = (select(_EXECUTIONS.c.started_at, _EXECUTIONS.c.execution_metadata, *(_EXECUTIONS.c[k] for k in _PHASES))
+_FINISH_READ = (select(_EXECUTIONS.c.status, _EXECUTIONS.c.started_at, _EXECUTIONS.c.execution_metadata,
+                       *(_EXECUTIONS.c[k] for k in _PHASES))
                 .where(_EXECUTIONS.c.id == bindparam("eid")).with_for_update())
 _FINISH_WRITE = update(_EXECUTIONS).where(_EXECUTIONS.c.id == bindparam("eid"))
 _DEPLOYMENT_WHERE = (_DEPLOYMENTS.c.server_id == bindparam("sid"), _DEPLOYMENTS.c.checksum == bindparam("sum"))
@@ -387,8 +388,8 @@ class RunRecorder:
             if deployment is not None:
                 self._record_deployment(c, deployment, now)
             row = c.execute(_FINISH_READ, {"eid": res.execution_id}).mappings().first()
-            if row is None:
-                return
+            if row is None or row["status"] not in ("queued", "running"):
+                return   # closed once: a lost attempt's row (reaped, recovered) keeps its reason
             live = dict(row["execution_metadata"] or {})
             times = {**{k: row[k] for k in _PHASES}, **phases}
             refused = [k for k in variables if len(k) > MAX_KEY_LEN]

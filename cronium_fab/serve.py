@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import IO
 
 from .db.engine import Database
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 class Worker:
     def __init__(self, settings: Settings, qs: QueueSettings, *, out: IO[str] | None = None) -> None:
-        self.settings, self.qs, self.out = settings, qs, out
+        # the lease says how long our runners wait for a silent worker (the reaper's bound)
+        self.settings, self.qs, self.out = settings, replace(qs, silence_s=settings.heartbeat_timeout), out
         self.db = Database(settings.database_url)
         self.stopping = threading.Event()
         self.slots = threading.BoundedSemaphore(settings.parallel)

@@ -68,6 +68,10 @@ class Settings:
     # the controller gives up on a host this long after the runner's own timeout + kill grace should
     # have ended it (a frozen or cut-off peer)
     watchdog_margin: float = 30.0
+    # liveness between controller and runner (both ways): a sign of life every interval; a side
+    # silent for the timeout is gone (the runner stops its script, we end the host unresponsive)
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
     api_secret: str | None = field(default=None, repr=False)  # HS256 secret for API-mode tokens
 
     @property
@@ -91,6 +95,8 @@ class Settings:
             connect_retry_delay=_env_float("CRONIUM_FAB_CONNECT_RETRY_DELAY", 1.0),
             setup_timeout=_env_float("CRONIUM_FAB_SETUP_TIMEOUT", 60.0),
             watchdog_margin=_env_float("CRONIUM_FAB_WATCHDOG_MARGIN", 30.0),
+            heartbeat_interval=_env_float("CRONIUM_FAB_HEARTBEAT", 2.0),
+            heartbeat_timeout=_env_float("CRONIUM_FAB_HEARTBEAT_TIMEOUT", 10.0),
             api_secret=os.environ.get("CRONIUM_FAB_API_SECRET") or None,
         )
         s.validate()
@@ -110,3 +116,6 @@ class Settings:
             raise ConfigError(f"helper mode {self.helper_mode!r} is not one of {', '.join(HELPER_MODES)}")
         if self.parallel < 1:
             raise ConfigError("--parallel must be at least 1")
+        if not 0 < self.heartbeat_interval * 2 <= self.heartbeat_timeout:
+            raise ConfigError(f"CRONIUM_FAB_HEARTBEAT_TIMEOUT ({self.heartbeat_timeout:g} s) must be at least twice "
+                              f"CRONIUM_FAB_HEARTBEAT ({self.heartbeat_interval:g} s), which must be above 0")

@@ -13,6 +13,21 @@ from cronium_fab.db.engine import Database
 from cronium_fab.settings import Settings
 from cronium_fab.signing import generate_keypair
 
+
+def _unignore_stop_signals() -> None:
+    """A suite started in the background of a script (`cmd &` without job control ignores SIGINT)
+    or under `nohup` hands those ignores to every program the tests start, and cronium-fab keeps
+    ignored signals ignored, on purpose: the Ctrl-C tests would then see a run go on to its
+    timeout. The programs under test get the dispositions of a terminal user's shell."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+_unignore_stop_signals()
+
 pytest_plugins = ["tests.conftest_ssh"] if (Path(__file__).parent / "conftest_ssh.py").exists() else []
 
 IN_CI = bool(os.environ.get("CI"))

@@ -16,6 +16,8 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from ..errors import ConfigError, DatabaseUnavailable
 from .models import Base
 
+PG_IDLE_IN_TRANSACTION = "30s"  # a session idle this long inside a transaction is ended by PostgreSQL
+
 
 def normalize_url(url: str) -> str:
     """Accept Cronium's ``postgresql://`` / ``postgres://`` URLs and use psycopg 3 for them."""
@@ -61,13 +63,25 @@ def make_engine(url: str) -> Engine:
 
         return engine
     try:
-        return create_engine(
+        engine = create_engine(
             # no pre-ping: it doubles every query of the helper API; runs are short, and a connection
             # idle for 5 minutes is replaced instead
             url, pool_recycle=300, hide_parameters=True, connect_args={"connect_timeout": 10}
         )
     except Exception as exc:  # a missing driver, a bad dialect
         raise ConfigError(f"cannot use database {safe_url(url)}: {exc}") from None
+
+    @event.listens_for(engine, "connect")
+    def _pg_session(dbapi_conn: Any, _record: Any) -> None:
+        # a process frozen (SIGSTOP) inside one of our short transactions would hold its row locks
+        # for ever: the job's row, which other workers' reapers skip (SKIP LOCKED). The server
+        # ends such a session instead.
+        cur = dbapi_conn.cursor()
+        cur.execute(f"SET idle_in_transaction_session_timeout = '{PG_IDLE_IN_TRANSACTION}'")
+        cur.close()
+        dbapi_conn.commit()
+
+    return engine
 
 
 def check_connection(engine: Engine) -> None:

@@ -12,12 +12,12 @@ ErrorKind = Literal[
     "connection-refused", "connection-reset", "timeout", "dns", "network", "handshake",  # HostUnreachable
     "auth-refused", "key-invalid", "host-key-unknown", "host-key-changed",
     "python-missing", "python-too-old", "runner-install-failed",            # the runner's bootstrap
-    "setup-timeout", "watchdog-timeout", "disconnected", "cancelled",       # a run that ended early
+    "setup-timeout", "watchdog-timeout", "disconnected", "unresponsive", "cancelled",  # a run that ended early
     "forwarding-refused", "forwarding-failed", "forwarding-conflict",       # API mode's tunnel
     "internal", "remote",
 ]
 # a peer we must never wait on again (frozen, gone, or stuck in set-up)
-DEAD_PEER: frozenset[ErrorKind] = frozenset({"watchdog-timeout", "disconnected", "setup-timeout"})
+DEAD_PEER: frozenset[ErrorKind] = frozenset({"watchdog-timeout", "disconnected", "unresponsive", "setup-timeout"})
 # a connect that failed this way may work a moment later: tried again (``--connect-retries``); an
 # auth refusal, a host key problem or anything after the connection was up never is
 TRANSIENT_CONNECT: frozenset[ErrorKind] = frozenset({"connection-refused", "connection-reset", "timeout"})

@@ -1,9 +1,9 @@
-"""Controller side of the controller⇄runner wire format (docs/PROTOCOL.md, protocol 1).
+"""Controller side of the controller⇄runner wire format (docs/PROTOCOL.md, protocol 2).
 
 ``encode_input_head`` builds what precedes the payload on the runner's stdin; ``OutputDecoder``
 turns the bytes of the bootstrap channel's stdout, in whatever pieces they arrive, into events:
 one ``Bootstrap`` marker (the runner is missing, python3 is missing or too old) or the runner's
-``Record``s (H, O, E, R).
+``Record``s (H, O, E, K, R).
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOL = 1
+PROTOCOL = 2
 INPUT_MAGIC = b"CRONIUM-RUNNER-INPUT"
 OUTPUT_MAGIC = b"CRNR"
 RUNNER_MISS = "CRONIUM-RUNNER-MISS"
 NO_PYTHON = "CRONIUM-NO-PYTHON"
 PYTHON_TOO_OLD = "CRONIUM-PYTHON-TOO-OLD"
 MARKERS = (RUNNER_MISS, NO_PYTHON, PYTHON_TOO_OLD)
-RECORD_KINDS = frozenset(b"HOER")
+RECORD_KINDS = frozenset(b"HOEKR")
+HEARTBEAT = b"."  # any byte after the payload is a sign of life (PROTOCOL.md §2)
 MAX_STREAM_RECORD = 64 * 1024  # O/E records carry at most 64 KiB (PROTOCOL.md §3)
 MAX_JSON_RECORD = 64 << 20  # H/R: generous; only a corrupt stream gets near it
 MAX_PREAMBLE_NOISE = 64 * 1024  # what a chatty login shell may print before our first byte
@@ -57,7 +58,7 @@ class Bootstrap:
 class Record:
     """One runner record. ``ts`` is set for O/E (the runner's unix time); ``json`` for H/R."""
 
-    kind: str  # "H", "O", "E" or "R"
+    kind: str  # "H", "O", "E", "K" (keepalive, empty) or "R"
     data: bytes
     ts: float | None = None
     json: dict[str, Any] | None = None
@@ -137,7 +138,7 @@ class OutputDecoder:
         if kind not in RECORD_KINDS:
             raise ProtocolError(f"unknown record kind {bytes([kind])!r}")
         (length,) = struct.unpack_from(">I", self._buf, 1)
-        limit = MAX_STREAM_RECORD + 8 if kind in b"OE" else MAX_JSON_RECORD
+        limit = MAX_STREAM_RECORD + 8 if kind in b"OE" else 0 if kind == ord("K") else MAX_JSON_RECORD
         if length > limit:
             raise ProtocolError(f"record {chr(kind)} of {length} bytes exceeds {limit}")
         if len(self._buf) < 5 + length:
@@ -145,6 +146,8 @@ class OutputDecoder:
         body = bytes(self._buf[5 : 5 + length])
         del self._buf[: 5 + length]
         k = chr(kind)
+        if k == "K":
+            return Record(k, body)
         if k in "OE":
             if length < 8:
                 raise ProtocolError(f"record {k} too short for its timestamp")

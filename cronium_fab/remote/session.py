@@ -6,7 +6,11 @@ without waiting for any answer; no runner bytes travel. Cold path: the bootstrap
 (third exec); a second miss is ``runner-install-failed``.
 
 The runner's stdin stays open while the script runs: EOF means "stop" (PROTOCOL.md §2), so
-``shutdown_write`` is only ever used to cancel. Raw Paramiko channels are used (not Fabric's
+``shutdown_write`` is only ever used to cancel. With a ``Heartbeat``, each side proves it is alive
+to the other: we write a byte every ``interval`` after the payload (the runner stops the script
+when they stop: a frozen or cut-off controller), and a runner silent for ``timeout`` (it writes a
+``K`` record while the script is quiet) ends the host as ``unresponsive`` (a frozen host, a cut
+network: TCP may stay up for minutes, and SSH keepalives want no reply). Raw Paramiko channels are used (not Fabric's
 ``run``, which polls with a 10 ms sleep and starts a stdin-reader thread per command).
 """
 
@@ -25,7 +29,9 @@ import paramiko
 
 from ..build import RunnerArtifact
 from .protocol import (
+    HEARTBEAT,
     NO_PYTHON,
+    PROTOCOL,
     PYTHON_TOO_OLD,
     RUNNER_MISS,
     Bootstrap,
@@ -73,6 +79,18 @@ class HostRun:
         return self.error_kind is None and self.result is not None
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """Liveness in both directions (PROTOCOL.md §2 ``heartbeat``): a sign of life every
+    ``interval`` seconds; a side silent for ``timeout`` seconds is taken for gone."""
+
+    interval: float = 2.0
+    timeout: float = 10.0
+
+    def header(self) -> dict[str, float]:
+        return {"interval": self.interval, "timeout": self.timeout}
+
+
 class _Abort(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -90,6 +108,7 @@ def run_on_host(
     *,
     setup_timeout_s: float = 60.0,
     cancel_grace_s: float = 10.0,
+    heartbeat: Heartbeat | None = None,
 ) -> HostRun:
     """Run ``payload`` with ``runner`` on the host of ``conn`` (already open, see ``open_connection``).
 
@@ -98,13 +117,17 @@ def run_on_host(
     on the controller side, behind the runner's own timeout; ``setup_timeout_s`` bounds the set-up
     (bootstrap and install). Cancelling (``cancel.set()``) or the watchdog closes the runner's stdin
     and waits up to ``cancel_grace_s`` for its ``cancelled`` result (it stops the script's process
-    tree first). Never raises for remote failures: they are in ``HostRun.error_kind``.
+    tree first). ``heartbeat`` (see ``Heartbeat``): a runner silent for its timeout, once the
+    payload is sent, ends the run as ``unresponsive``. Never raises for remote failures: they
+    are in ``HostRun.error_kind``.
     """
     run = HostRun()
     transport = conn.transport
     if transport is None or not transport.is_active():
         run.error_kind, run.error = "disconnected", "connection is not open"
         return run
+    if heartbeat is not None:
+        header = {**header, "heartbeat": heartbeat.header()}
     stdin_data = encode_input(header, payload)
     boot = bootstrap_command(runner.sha256)
     t0 = time.monotonic()
@@ -114,7 +137,7 @@ def run_on_host(
             if cancel.is_set():
                 raise _Abort("cancelled", "cancelled before the runner started")
             missed = _bootstrap(transport, boot, stdin_data, run, on_record, cancel, watchdog_s,
-                                t0, setup_deadline, cancel_grace_s)
+                                t0, setup_deadline, cancel_grace_s, heartbeat)
             if not missed:
                 run.runner_cached = attempt == 1
                 return run
@@ -150,11 +173,13 @@ def _bootstrap(
     t0: float,
     setup_deadline: float,
     cancel_grace_s: float,
+    heartbeat: Heartbeat | None,
 ) -> bool:
     """One bootstrap exec; return True on a runner miss, False when the run is over (result or not)."""
     chan = _open_exec(transport, boot, run, setup_deadline)
     try:
-        return _drive(chan, stdin_data, run, on_record, cancel, watchdog_s, t0, setup_deadline, cancel_grace_s)
+        return _drive(chan, stdin_data, run, on_record, cancel, watchdog_s, t0, setup_deadline, cancel_grace_s,
+                      heartbeat)
     finally:
         chan.close()
 
@@ -169,8 +194,12 @@ def _drive(
     t0: float,
     setup_deadline: float,
     cancel_grace_s: float,
+    heartbeat: Heartbeat | None,
 ) -> bool:
     pending = memoryview(stdin_data)
+    heard: float | None = None  # the runner's last sign of life, counted once the payload is sent
+    beat_at = 0.0  # when our next heartbeat byte is due
+    looped = time.monotonic()
     decoder = OutputDecoder()
     stderr = bytearray()
     t_hello: float | None = None
@@ -189,10 +218,12 @@ def _drive(
             progressed = True
         while chan.recv_stderr_ready():
             data = chan.recv_stderr(65536)
+            heard = heard and time.monotonic()
             if len(stderr) < _STDERR_CAP:
                 stderr += data[: _STDERR_CAP - len(stderr)]
         if chan.recv_ready():
             data = chan.recv(65536)
+            heard = heard and time.monotonic()
             progressed = True
             try:
                 events = decoder.feed(data)
@@ -217,8 +248,8 @@ def _drive(
                     if watchdog_s is not None:
                         exec_deadline = t_hello + watchdog_s
                     proto = (ev.json or {}).get("protocol")
-                    if proto != 1:
-                        raise _Abort("protocol", f"runner speaks protocol {proto!r}, controller speaks 1")
+                    if proto != PROTOCOL:
+                        raise _Abort("protocol", f"runner speaks protocol {proto!r}, controller speaks {PROTOCOL}")
                 elif ev.kind in _STREAMS:
                     on_record(_STREAMS[ev.kind], ev.ts or 0.0, ev.data)
                 elif ev.kind == "R":
@@ -241,6 +272,21 @@ def _drive(
                 + (f"; shell said: {decoder.noise[:300].decode(errors='replace')}" if decoder.noise else ""),
             )
         now = time.monotonic()
+        if heartbeat is not None and t_hello is not None and run.result is None:
+            if heard is None:
+                if not pending:
+                    heard = now  # the payload is sent: from now on the runner must show it is alive
+            elif now - looped > 1.0:
+                heard += now - looped  # this thread was starved (a loaded controller): not the runner's silence
+            elif now - heard > heartbeat.timeout:
+                run.runner_stderr = bytes(stderr)
+                raise _Abort("unresponsive", f"no sign of life from the runner for {now - heard:.0f} s "
+                             f"(heartbeat timeout {heartbeat.timeout:g} s): host frozen or network cut")
+            if not stop_kind and not pending and now >= beat_at and chan.send_ready():
+                beat_at = now + heartbeat.interval
+                with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                    chan.send(HEARTBEAT)
+        looped = now
         if drain_deadline is not None and now > drain_deadline:
             run.runner_stderr = bytes(stderr)
             if stop_kind:

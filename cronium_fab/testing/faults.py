@@ -408,8 +408,6 @@ FAULTS: dict[str, Callable[[Cell], Plan]] = {
     "helper flood": fault_helper_flood,
 }
 NEEDS_ROOT = {"cache not writable", "disk full"}
-# the frozen-peer keepalive (issue 14) is the `liveness` branch's: until it is merged these exceed their bound
-FROZEN = {"sshd stopped during", "controller frozen"}
 
 
 # --- a cell and a trial ----------------------------------------------------------------------------

@@ -55,3 +55,15 @@ def watch_argv(*needles: str) -> Iterator[list[str]]:
     finally:
         stop.set()
         t.join()
+
+
+def session_processes(config_path: object) -> list[int]:
+    """The SSH session processes of the test sshd started with ``-f config_path`` (children of its
+    listener). SIGSTOPped, the host neither answers nor closes the connection: a frozen host."""
+    import subprocess
+
+    out: list[int] = []
+    for parent in subprocess.run(["pgrep", "-f", f"sshd -f {config_path}"], capture_output=True,
+                                 text=True).stdout.split():
+        out += [int(p) for p in subprocess.run(["pgrep", "-P", parent], capture_output=True, text=True).stdout.split()]
+    return out

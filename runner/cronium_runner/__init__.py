@@ -1,7 +1,7 @@
 """The cronium runner package (standard library only, Python 3.8+)."""
 
 VERSION = "0.1.0"
-PROTOCOL = 1
+PROTOCOL = 2
 
 
 class RunnerError(Exception):

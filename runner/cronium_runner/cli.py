@@ -200,7 +200,8 @@ def _private_dir():
     raise RunnerError("internal", "cannot create a work directory under %s" % base)
 
 
-def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, umask=0o022, subreaper=False):
+def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, umask=0o022, subreaper=False,
+                silence_s=None, tick=None):
     """Everything between a verified payload and the result dict. Never raises RunnerError."""
     t0 = time.monotonic()
     res = {
@@ -224,6 +225,8 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
             interp = _interpreter(header, manifest["interpreter"], path)
             workdir = _private_dir()
             extract.write_plan(opened, workdir)
+            if tick is not None:   # a slow set-up (a big payload, a loaded host) is not silence
+                tick(time.monotonic())
             meta = manifest["metadata"]
             ctx = _context(header, meta, workdir)
             input_data = header.get("input")
@@ -235,7 +238,8 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
             script = execute.Script(
                 [interp, os.path.join(workdir, manifest["entrypoint"])], env, workdir, sink,
                 timeout=float(timeout) if timeout else None, grace=header.get("kill_grace", 5.0),
-                limits=header.get("limits"), watch_fd=watch_fd, wake_fd=wake_fd, umask=umask, libc=libc)
+                limits=header.get("limits"), watch_fd=watch_fd, wake_fd=wake_fd, umask=umask, libc=libc,
+                silence_s=silence_s, tick=tick)
             script.subreaper = subreaper
             STATE.script = script
             STATE.phase = "running"
@@ -322,14 +326,27 @@ def _serve(w, wake, umask):
     except (TypeError, ValueError):
         raise RunnerError("protocol", "header output_cap must be a whole number of bytes")
     cappers = {b"O": Capper(cap), b"E": Capper(cap)}
+    hb = protocol.heartbeat(header)
+    tick = None
+    if hb is not None:   # stdout stalled as long as the controller may be silent = broken
+        os.set_blocking(1, False)
+        w.stall_s = hb[1]
+
+        def tick(now):
+            if now - w.last >= hb[0]:
+                _written(w.write(protocol.KEEPALIVE))
+
+    def _written(ok):
+        if not ok and STATE.script is not None:
+            STATE.script.cancel_reason = STATE.script.cancel_reason or "stdout of the runner is broken"
 
     def sink(kind, ts, data):
         live = cappers[kind].feed(ts, data)
-        if live and not w.write(protocol.stream_records(kind, ts, live)) and STATE.script is not None:
-            STATE.script.cancel_reason = STATE.script.cancel_reason or "stdout of the runner is broken"
+        if live:
+            _written(w.write(protocol.stream_records(kind, ts, live)))
 
     res = run_payload(header, payload, sink, watch_fd=0, wake_fd=wake, libc=libc, umask=umask,
-                      subreaper=subreaper)
+                      subreaper=subreaper, silence_s=hb and hb[1], tick=tick)
     for kind, name in ((b"O", "stdout"), (b"E", "stderr")):
         c = cappers[kind]
         if c.dropped:

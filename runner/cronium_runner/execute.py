@@ -244,8 +244,11 @@ class Script:
     """One run of the script. ``sink(kind, ts, data)`` gets output; ``kind`` is b"O" or b"E"."""
 
     def __init__(self, argv, env, cwd, sink, timeout=None, grace=5.0, limits=None,
-                 watch_fd=None, umask=0o022, wake_fd=None, libc=None):
+                 watch_fd=None, umask=0o022, wake_fd=None, libc=None, silence_s=None, tick=None):
         self.argv, self.env, self.cwd, self.sink = argv, env, cwd, sink
+        # heartbeat: with ``silence_s``, a ``watch_fd`` on which nothing arrived for that long
+        # cancels (the controller is frozen or cut off); ``tick(now)`` is called at least once a second
+        self.silence_s, self.tick = silence_s, tick
         self.timeout = timeout
         self.grace = max(float(grace), 0.0)
         self.limits = self._limits(limits or {})
@@ -324,9 +327,17 @@ class Script:
         deadline = self.started + self.timeout if self.timeout else None
         kill_at = None          # when SIGTERM was sent: SIGKILL deadline
         hard_done = None        # when SIGKILL was sent
+        heard = self.started    # the last byte from the controller (heartbeat)
         while True:
             self._reap()
             now = time.monotonic()
+            if self.tick is not None:
+                self.tick(now)
+            if (self.silence_s and self.watch_fd is not None and now - heard > self.silence_s
+                    and not select.select([self.watch_fd], [], [], 0)[0]):
+                self.cancel_reason = self.cancel_reason or (
+                    "controller silent for %d s (no heartbeat on stdin: controller frozen or network cut)"
+                    % (now - heard))
             if kill_at is None:
                 grace = None
                 if self.cancel_reason:
@@ -356,6 +367,8 @@ class Script:
             for t in (deadline if kill_at is None and self.status is None else None, kill_at if hard_done is None else None):
                 if t is not None:
                     wait = min(wait, max(t - now, 0.0))
+            if self.silence_s and self.watch_fd is not None:
+                wait = min(wait, max(heard + self.silence_s - now, 0.0) + 0.01)
             if hard_done is not None:
                 wait = min(wait, 0.05)
             try:
@@ -380,6 +393,7 @@ class Script:
                         data = os.read(fd, READ_SIZE)
                     except OSError:
                         data = b""
+                    heard = time.monotonic()
                     if not data:
                         poller.unregister(fd)
                         self.watch_fd = None

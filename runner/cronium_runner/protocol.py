@@ -1,6 +1,8 @@
 """Framing of PROTOCOL.md: the stdin preamble/header/payload and the stdout records."""
 import os
+import select
 import struct
+import time
 
 from . import PROTOCOL, RunnerError, jsonc
 from .lite import sha256
@@ -74,6 +76,23 @@ def json_record(kind, obj):
     return record(kind, jsonc.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
+KEEPALIVE = b"K\0\0\0\0"   # an empty K record: "the runner is alive" (header ``heartbeat``)
+
+
+def heartbeat(header):
+    """The header's ``heartbeat`` as ``(interval, timeout)`` seconds, or None when not asked for."""
+    hb = header.get("heartbeat")
+    if hb is None:
+        return None
+    try:
+        interval, timeout = float(hb["interval"]), float(hb["timeout"])
+    except (TypeError, KeyError, ValueError):
+        raise RunnerError("protocol", "header heartbeat must be {\"interval\": S, \"timeout\": S}")
+    if not 0 < interval < timeout:
+        raise RunnerError("protocol", "header heartbeat needs 0 < interval < timeout")
+    return interval, timeout
+
+
 def stream_records(kind, ts, data):
     """Split script output into O/E records of at most CHUNK bytes (timestamp included)."""
     stamp = struct.pack(">d", ts)
@@ -82,11 +101,17 @@ def stream_records(kind, ts, data):
 
 
 class FrameWriter:
-    """Writes records to an fd; remembers a broken pipe instead of raising twice."""
+    """Writes records to an fd; remembers a broken pipe instead of raising twice.
+
+    With ``stall_s`` (a non-blocking fd), a write that makes no progress for that long counts as
+    broken: a frozen controller stops reading, and a runner blocked on a full pipe would notice
+    nothing (nor the silence on stdin). ``last`` is when a write last went through (monotonic)."""
 
     def __init__(self, fd):
         self.fd = fd
         self.broken = False
+        self.stall_s = None
+        self.last = time.monotonic()
 
     def write(self, data):
         if self.broken:
@@ -94,8 +119,14 @@ class FrameWriter:
         view = memoryview(data)
         try:
             while view:
-                n = os.write(self.fd, view)
+                try:
+                    n = os.write(self.fd, view)
+                except BlockingIOError:
+                    if self.stall_s is None or not select.select([], [self.fd], [], self.stall_s)[1]:
+                        raise OSError("stdout made no progress for %s s" % self.stall_s)
+                    continue
                 view = view[n:]
+                self.last = time.monotonic()
         except OSError:
             self.broken = True
             return False

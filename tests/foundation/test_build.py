@@ -38,7 +38,7 @@ def test_build_sign_twice_is_byte_identical_and_openssl_verifies(tmp_path: Path)
     )
     assert out.stdout.strip() == "Verified OK"
     version = subprocess.run([sys.executable, str(pyz), "version"], capture_output=True, text=True, check=True)
-    assert '"protocol": 1' in version.stdout and digest in version.stdout
+    assert '"protocol": 2' in version.stdout and digest in version.stdout
 
 
 def test_sign_without_key_says_what_to_do(tmp_path: Path) -> None:

@@ -98,3 +98,15 @@ def test_every_json_command_prints_one_document_on_a_usage_error(args: list[str]
     assert out.returncode == 2, out.stderr
     doc = json.loads(out.stdout)
     assert doc["status"] == "ERROR" and doc["exit_code"] == 2
+
+
+def test_programs_the_tests_start_do_not_inherit_an_ignored_sigint() -> None:
+    """Regression: a suite run as `make test &` from a script ignores SIGINT, its children inherit
+    that, and `run-event` keeps an ignored SIGINT ignored (as `nohup`/`&` users expect): the Ctrl-C
+    tests then failed with exit 4 (the host ran to its timeout). tests/conftest.py undoes it."""
+    import subprocess
+    import sys
+
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "False"

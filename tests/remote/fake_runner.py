@@ -38,7 +38,7 @@ def main():
         return 2
     with open(sys.argv[0], "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
-    hello = {"magic": "CRNR", "protocol": 1, "version": "fake", "sha256": sha, "pid": os.getpid(),
+    hello = {"magic": "CRNR", "protocol": 2, "version": "fake", "sha256": sha, "pid": os.getpid(),
              "python": "%d.%d.%d" % sys.version_info[:3]}
     write(b"CRNR" + rec(b"H", json.dumps(hello).encode()))
     line = b""

@@ -21,12 +21,13 @@ def rec(kind: bytes, body: bytes) -> bytes:
     return kind + struct.pack(">I", len(body)) + body
 
 
-HELLO = {"magic": "CRNR", "protocol": 1, "version": "1", "sha256": "x", "pid": 1, "python": "3.11.2"}
+HELLO = {"magic": "CRNR", "protocol": 2, "version": "1", "sha256": "x", "pid": 1, "python": "3.11.2"}
 STREAM = (
     b"CRNR"
     + rec(b"H", json.dumps(HELLO).encode())
     + rec(b"O", struct.pack(">d", 1.5) + b"out\xff\n")
     + rec(b"E", struct.pack(">d", 2.5) + b"")
+    + rec(b"K", b"")
     + rec(b"R", b'{"status": "success"}')
 )
 
@@ -42,10 +43,11 @@ def decode_in_pieces(data: bytes, size: int) -> tuple[OutputDecoder, list]:
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 64, 10_000])
 def test_records_decode_whatever_the_chunking(size):
     d, events = decode_in_pieces(STREAM + b"junk after", size)
-    assert [e.kind for e in events] == ["H", "O", "E", "R"]
+    assert [e.kind for e in events] == ["H", "O", "E", "K", "R"]
     assert events[0].json == HELLO
     assert events[1] == Record("O", b"out\xff\n", ts=1.5)
-    assert events[3].json == {"status": "success"}
+    assert events[3] == Record("K", b"")
+    assert events[4].json == {"status": "success"}
     assert d.finished and d.trailing == len(b"junk after")
 
 
@@ -63,7 +65,7 @@ def test_login_shell_noise_before_output_is_skipped_and_kept():
     assert events == [Bootstrap("CRONIUM-RUNNER-MISS")]
     assert d.noise == b"Welcome to host\n"
     d, events = decode_in_pieces(b"motd\n" + STREAM, 2)
-    assert [e.kind for e in events] == ["H", "O", "E", "R"]
+    assert [e.kind for e in events] == ["H", "O", "E", "K", "R"]
 
 
 def test_text_printed_by_a_script_cannot_look_like_a_marker_after_hello():
@@ -81,6 +83,7 @@ def test_text_printed_by_a_script_cannot_look_like_a_marker_after_hello():
         b"CRNR" + rec(b"H", b'{"protocol": 1}'),
         b"CRNR" + b"O" + struct.pack(">I", 1 << 30),
         b"CRNR" + rec(b"O", b"short"),
+        b"CRNR" + rec(b"K", b"x"),
     ],
 )
 def test_corrupt_streams_raise(bad):
@@ -94,10 +97,10 @@ def test_no_runner_output_at_all_is_an_error_eventually():
 
 
 def test_input_preamble_and_header():
-    head = encode_input_head({"protocol": 1, "a": "é"})
+    head = encode_input_head({"protocol": 2, "a": "é"})
     line, body = head.split(b"\n", 1)
-    assert line == b"CRONIUM-RUNNER-INPUT 1 %d" % len(body)
-    assert json.loads(body) == {"protocol": 1, "a": "é"}
+    assert line == b"CRONIUM-RUNNER-INPUT 2 %d" % len(body)
+    assert json.loads(body) == {"protocol": 2, "a": "é"}
     full = encode_input({"job_id": "j"}, b"PAYLOAD")
     header = json.loads(full.split(b"\n", 1)[1][: -len(b"PAYLOAD")])
-    assert header["payload_size"] == 7 and header["protocol"] == 1 and full.endswith(b"PAYLOAD")
+    assert header["payload_size"] == 7 and header["protocol"] == 2 and full.endswith(b"PAYLOAD")

@@ -11,7 +11,8 @@ import pytest
 
 from cronium_fab.build import RunnerArtifact, build_runner
 from cronium_fab.payloads import build_payload_content
-from cronium_fab.remote.session import HostRun, run_on_host
+from cronium_fab.remote.session import Heartbeat, HostRun, run_on_host
+from tests.procs import session_processes
 
 pytestmark = pytest.mark.ssh
 
@@ -34,11 +35,12 @@ class Lines:
 
 
 def run_script(conn, runner: RunnerArtifact, script: str, *, cancel: threading.Event | None = None,
-               lines: Lines | None = None, **header: object) -> HostRun:
+               lines: Lines | None = None, heartbeat: Heartbeat | None = None, **header: object) -> HostRun:
     content = build_payload_content(7, "BASH", script)
     hdr = {"job_id": "job-1", "execution_id": "exec-1", "event_id": 7, "helper_mode": "bundled",
            "manifest": content.manifest, "manifest_sha256": content.manifest_sha256, "timeout": 30, **header}
-    return run_on_host(conn, runner, hdr, content.data, lines or Lines(), cancel or threading.Event(), 60.0)
+    return run_on_host(conn, runner, hdr, content.data, lines or Lines(), cancel or threading.Event(), 60.0,
+                       heartbeat=heartbeat)
 
 
 def test_cold_then_warm_run_with_real_runner(ssh_hosts, connect, real_runner):
@@ -94,3 +96,45 @@ def test_bootstrap_runs_the_runner_on_python_3_8(ssh_hosts, connect, real_runner
     assert run.error_kind is None, (run.error, run.runner_stderr)
     assert run.hello is not None and run.hello["python"].startswith("3.8.")
     assert run.result is not None and run.result["status"] == "success"
+
+
+def test_frozen_host_ends_unresponsive_after_the_heartbeat_timeout(ssh_hosts, connect, real_runner):
+    """The host's sshd session stops (SIGSTOP: TCP stays up, nothing answers): the run ends as
+    ``unresponsive`` once the runner was silent for the heartbeat timeout, not at the watchdog."""
+    import signal
+
+    (host,) = ssh_hosts(1, exclusive=True)
+    conn = connect(host)
+    lines = Lines()
+    out: list[HostRun] = []
+    t = threading.Thread(target=lambda: out.append(run_script(
+        conn, real_runner, "echo started; sleep 60", lines=lines, heartbeat=Heartbeat(0.5, 3.0))))
+    t.start()
+    frozen: list[int] = []
+    try:
+        assert lines.first.wait(30)
+        frozen = session_processes(host.config_path)
+        assert frozen
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        t.join(50)   # the watchdog (60 s) would end it much later
+        took = time.monotonic() - t0
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    (run,) = out
+    assert run.error_kind == "unresponsive", (run.error_kind, run.error)
+    assert run.error and run.error.startswith("no sign of life from the runner for ") and "host frozen" in run.error
+    assert took < 40
+
+
+def test_heartbeats_keep_a_long_quiet_script_alive(ssh_hosts, connect, real_runner):
+    """A script quiet for several heartbeat timeouts, on a healthy host, is not cut off."""
+    (host,) = ssh_hosts(1)
+    conn = connect(host)
+    lines = Lines()
+    run = run_script(conn, real_runner, "sleep 7; echo done", lines=lines, heartbeat=Heartbeat(0.5, 2.0))
+    assert run.error_kind is None, (run.error_kind, run.error)
+    assert run.result is not None and run.result["status"] == "success"
+    assert lines.out["stdout"] == b"done\n"

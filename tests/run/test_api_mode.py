@@ -15,7 +15,7 @@ from sqlalchemy import select
 from cronium_fab.db.models import Execution, UserVariable
 from cronium_fab.execute import RunRequest, RunResult, run_event
 from tests.factories import add_event
-from tests.procs import watch_argv
+from tests.procs import session_processes, watch_argv
 from tests.run.conftest import Fleet
 
 pytestmark = pytest.mark.ssh
@@ -186,9 +186,8 @@ def test_bundled_mode_is_still_available(fleet: Fleet, ssh_hosts) -> None:  # ty
 
 
 @pytest.mark.timeout(150)  # a hang (Paramiko waiting forever on the frozen peer) fails here
-def test_frozen_host_in_api_mode_ends_as_timeout_not_a_hang(fleet: Fleet, ssh_hosts, ssh_pool) -> None:  # type: ignore[no-untyped-def]
+def test_frozen_host_in_api_mode_ends_unreachable_not_a_hang(fleet: Fleet, ssh_hosts, ssh_pool) -> None:  # type: ignore[no-untyped-def]
     import signal
-    import subprocess
 
     (host,) = ssh_hosts(1, exclusive=True)
     ev = fleet.event([host], "echo started; sleep 100", timeout_value=2)
@@ -204,11 +203,9 @@ def test_frozen_host_in_api_mode_ends_as_timeout_not_a_hang(fleet: Fleet, ssh_ho
 
     def freeze() -> None:  # SIGSTOP the host's SSH session processes: the peer neither answers nor dies
         started.wait(60)
-        sshd = subprocess.run(["pgrep", "-f", f"sshd -f {host.config_path}"], capture_output=True, text=True).stdout.split()
-        for parent in sshd:
-            for pid in subprocess.run(["pgrep", "-P", parent], capture_output=True, text=True).stdout.split():
-                os.kill(int(pid), signal.SIGSTOP)
-                frozen.append(int(pid))
+        for pid in session_processes(host.config_path):
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
 
     t = threading.Thread(target=freeze)
     t.start()
@@ -217,6 +214,7 @@ def test_frozen_host_in_api_mode_ends_as_timeout_not_a_hang(fleet: Fleet, ssh_ho
     t.join()
     assert frozen, "no session process was frozen"
     h = result.hosts[0]
-    assert result.status == "TIMEOUT" and h.status == "timeout" and h.error_kind == "watchdog-timeout"
+    # the runner's heartbeat stops with the frozen session: unresponsive (before the watchdog's end)
+    assert result.status == "FAILURE" and h.status == "unreachable" and h.error_kind == "unresponsive", h.error
     with fleet.db.session() as s:
-        assert s.scalars(select(Execution)).one().status == "timeout"
+        assert s.scalars(select(Execution)).one().status == "failed"

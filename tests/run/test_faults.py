@@ -55,10 +55,6 @@ def _params() -> list[object]:
         marks = []
         if name in fm.NEEDS_ROOT:
             marks.append(pytest.mark.skipif(not fm.can_mount(), reason="mounts a filesystem: root only"))
-        if name in fm.FROZEN:
-            # the controller <-> runner heartbeat (branch `liveness`) ends a frozen peer within
-            # timeout + 10 s; until it is merged the run takes ~55 s. strict: XPASS fails, remove the mark.
-            marks.append(pytest.mark.xfail(strict=True, reason="frozen peer: needs the liveness heartbeat"))
         where = CELLS[1] if name in API_CELL else CELLS[0]
         out.append(pytest.param(name, where, marks=marks, id=f"{name}-{'/'.join(where)}"))
     return out

@@ -135,20 +135,41 @@ def test_killed_worker_s_job_is_finished_by_another_once(fleet: Fleet, ssh_hosts
     assert log.status == "SUCCESS" and "worker wa lost" in log.output
 
 
+HEARTBEAT = {"CRONIUM_FAB_HEARTBEAT": "0.5", "CRONIUM_FAB_HEARTBEAT_TIMEOUT": "2"}
+
+
 @ON_POSTGRESQL
-def test_frozen_worker_that_comes_back_records_nothing(fleet: Fleet, ssh_hosts, workers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    host, d, job_id, a = first_attempt_hangs(fleet, ssh_hosts, workers, tmp_path)
-    a.proc.send_signal(signal.SIGSTOP)              # frozen past its lease
-    start(fleet, workers, tmp_path, "wb", "--lease", "2", **LEASE)
-    assert wait_until(lambda: job(fleet, job_id).orchestrator_id == "wb", 60)
+def test_frozen_worker_s_scripts_stop_and_the_job_runs_once_soon(fleet: Fleet, ssh_hosts, workers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A worker frozen (SIGSTOP) while its scripts run: the runners stop them when its heartbeat
+    stops, the job is re-queued soon after its lease (not after the event's 120 s timeout) and
+    finished by another worker; the scripts mark at their END, so a script that survived the
+    freeze would leave a second mark. Back (SIGCONT), the frozen worker records nothing."""
+    hosts = ssh_hosts(2)
+    d = tmp_path / "marks"
+    d.mkdir()
+    marker = f"cfab-frozen-{os.getpid()}-{id(tmp_path)}"
+    ev = fleet.event(hosts, f'echo started; bash -c \'exec -a "{marker}" sleep 8\'; ' + MARK.format(d=d),
+                     timeout_value=120)
+    a = start(fleet, workers, tmp_path, "wa", "--lease", "2", **LEASE, **HEARTBEAT)
+    job_id = enqueue(fleet.db, ev)[0]
+    assert wait_until(lambda: len(procs_with(marker)) == 2, 60)
+    a.proc.send_signal(signal.SIGSTOP)              # frozen mid-script, past its lease
+    assert wait_until(lambda: procs_with(marker) == [], 30), "the frozen worker's scripts outlived its silence"
+    b = start(fleet, workers, tmp_path, "wb", "--lease", "2", **LEASE, **HEARTBEAT)
+    assert wait_until(lambda: all_done(fleet, [job_id]), 90), (   # the old rule waited 120 s + grace
+        job(fleet, job_id).status, job(fleet, job_id).scheduled_for, b.text()[-3000:])
     a.proc.send_signal(signal.SIGCONT)              # back: it must stop, not record
-    assert wait_until(lambda: all_done(fleet, [job_id]), 90)
     assert wait_until(lambda: "lost its lease" in a.text() or "lease lost" in a.text(), 20), a.text()
     row = job(fleet, job_id)
     assert (row.status, row.orchestrator_id, row.attempts) == ("completed", "wb", 2)
-    assert marks(d) == [f"{job_id} {host.name}"]
+    assert marks(d) == sorted(f"{job_id} {h.name}" for h in hosts)   # once per host: attempt 2's
+    assert [a["status"] for a in row.metadata_["attempts"]] == ["LOST", "SUCCESS"]
     with fleet.db.engine.connect() as conn:
         assert conn.execute(text("SELECT status FROM logs")).scalar_one() == "SUCCESS"
+        states = sorted(r.status for r in conn.execute(text("SELECT status FROM executions")))
+    assert states == ["completed", "completed", "failed", "failed"]   # the lost attempt's rows, closed once
+    for h in hosts:
+        assert list(h.tmp_dir.glob("cronium-run-*")) == [], "a work dir was left on the host"
 
 
 def test_cancel_in_cronium_stops_the_remote_script(fleet: Fleet, ssh_hosts, workers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 
-PROTOCOL = 1
+PROTOCOL = 2
 RUNNER_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "runner")
 
 
@@ -117,6 +117,8 @@ def decode(raw: bytes) -> tuple[dict | None, list[Record], dict | None]:
             hello = json.loads(body)
         elif kind == "R":
             result = json.loads(body)
+        elif kind == "K":
+            assert n == 0, "keepalive with a body"
         else:
             raise AssertionError(f"unknown record kind {kind!r}")
         records.append(rec)

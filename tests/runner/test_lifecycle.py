@@ -183,3 +183,94 @@ def test_hello_comes_before_input(py, pyz):
     hello, records, result = decode(first + rest)
     assert first == b"CRNRH" and hello["pid"] == proc.pid
     assert result["status"] == "cancelled"
+
+
+# -- heartbeat (PROTOCOL.md §2 ``heartbeat``): both directions ------------------------------------
+
+def _send_heartbeats(every: float, stop_after: float | None = None):
+    def writer(proc):
+        import threading
+
+        def beat():
+            end = None if stop_after is None else time.monotonic() + stop_after
+            while proc.poll() is None and (end is None or time.monotonic() < end):
+                try:
+                    proc.stdin.write(b".")
+                    proc.stdin.flush()
+                except (BrokenPipeError, ValueError):
+                    return
+                time.sleep(every)
+        threading.Thread(target=beat, daemon=True).start()
+    return writer
+
+
+@pytest.mark.timeout(60)
+def test_controller_silence_cancels_and_cleans_up(py, pyz, tmpdir_env):
+    """A controller that stops writing (frozen, or the network cut) while stdin stays open: the
+    runner stops the script's whole tree, removes the work dir, and says why in a cancelled result."""
+    env, tmp = tmpdir_env
+    p = payload(FORK_SETSID, "python")
+    t0 = time.monotonic()
+    s = serve(py, pyz, encode_input(header(p, timeout=60, kill_grace=30,
+                                           heartbeat={"interval": 0.3, "timeout": 1.5}), p), env=env,
+              after_write=_send_heartbeats(0.3, stop_after=1.0))
+    took = time.monotonic() - t0
+    r = s.result
+    assert r["status"] == "cancelled" and r["error_kind"] == "cancelled", r
+    assert "controller silent for" in r["error"] and "heartbeat" in r["error"], r["error"]
+    assert took < 30     # far from the 60 s timeout: the silence ended it
+    assert _wait_gone(_pids(s.stdout).values(), 0.1) == [], "the script's tree survived the silence"
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_heartbeats_keep_a_quiet_script_alive_and_runner_sends_keepalives(py, pyz, tmpdir_env):
+    """A script that prints nothing for several silence timeouts is not killed while the
+    controller's heartbeats arrive; the runner sends K records while it is quiet."""
+    env, tmp = tmpdir_env
+    p = payload("sleep 4; echo done", "bash")
+    s = serve(py, pyz, encode_input(header(p, timeout=60, heartbeat={"interval": 0.25, "timeout": 1.0}), p),
+              env=env, after_write=_send_heartbeats(0.2))
+    assert s.result["status"] == "success", s.result
+    assert s.stdout == b"done\n"
+    keepalives = [r for r in s.records if r.kind == "K"]
+    assert len(keepalives) >= 6, len(keepalives)   # ~4 s / 0.25 s, with room for a loaded machine
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_without_heartbeat_in_the_header_silence_is_fine(py, pyz, tmpdir_env):
+    """No ``heartbeat`` asked for: a silent controller is not a reason to stop, and no K is sent."""
+    env, _tmp = tmpdir_env
+    s = run_serve(py, pyz, "sleep 2.5; echo ok", proc_env=env)
+    assert s.result["status"] == "success" and s.stdout == b"ok\n"
+    assert not [r for r in s.records if r.kind == "K"]
+
+
+@pytest.mark.timeout(60)
+def test_frozen_controller_not_reading_a_flood_still_stops_the_script(py, pyz, tmpdir_env):
+    """A frozen controller neither writes nor reads: the runner's stdout fills up. The runner must
+    not block on it for ever: the script's tree is stopped and the runner exits."""
+    env, tmp = tmpdir_env
+    p = payload("echo $$; exec yes flood", "bash")
+    proc = subprocess.Popen([py, pyz, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        proc.stdin.write(encode_input(header(p, timeout=60, heartbeat={"interval": 0.3, "timeout": 1.5}), p))
+        proc.stdin.flush()
+        head = proc.stdout.read(64)          # the hello and the first output; then we read nothing
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0
+    pid = int(re.search(rb"\n?(\d+)\n", head[head.index(b"O", 4):]).group(1)) if b"O" in head[4:] else None
+    if pid is not None:
+        assert _wait_gone([pid], 2.0) == []
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("hb", [{"interval": 0}, {"interval": 2, "timeout": 1}, "fast"])
+def test_bad_heartbeat_is_a_protocol_error(py, pyz, hb):
+    s = run_serve(py, pyz, "true", heartbeat=hb)
+    assert s.rc == 3 and s.result["error_kind"] == "protocol" and "heartbeat" in s.result["error"]

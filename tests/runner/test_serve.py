@@ -13,7 +13,7 @@ def test_version(any_py, pyz):
     out = subprocess.run([any_py, pyz, "version"], capture_output=True, check=True).stdout
     info = json.loads(out)
     with open(pyz, "rb") as f:
-        assert info == {"version": "0.1.0", "protocol": 1, "sha256": hashlib.sha256(f.read()).hexdigest()}
+        assert info == {"version": "0.1.0", "protocol": 2, "sha256": hashlib.sha256(f.read()).hexdigest()}
 
 
 def test_serve_basic_all_pythons(any_py, pyz, tmpdir_env):
@@ -21,13 +21,13 @@ def test_serve_basic_all_pythons(any_py, pyz, tmpdir_env):
     s = run_serve(any_py, pyz, 'echo "out $CRONIUM_JOB_ID"; echo err >&2; exit 0', proc_env=env)
     assert s.rc == 0
     assert s.raw.startswith(b"CRNRH")
-    assert s.hello["magic"] == "CRNR" and s.hello["protocol"] == 1
+    assert s.hello["magic"] == "CRNR" and s.hello["protocol"] == 2
     assert s.hello["python"].startswith(any_py.rsplit("python", 1)[1])
     assert s.stdout == b"out job_1\n" and s.stderr_script == b"err\n"
     r = s.result
     assert r["status"] == "success" and r["exit_code"] == 0 and r["signal"] is None
     assert r["timed_out"] is False and r["error"] is None
-    assert r["runner"]["sha256"] == s.hello["sha256"] and r["runner"]["protocol"] == 1
+    assert r["runner"]["sha256"] == s.hello["sha256"] and r["runner"]["protocol"] == 2
     assert set(r["durations_ms"]) == {"setup", "execution", "cleanup", "total"}
     assert r["usage"]["max_rss_kb"] > 0
     assert r["truncated"] == {"stdout": 0, "stderr": 0}
@@ -90,10 +90,10 @@ def test_script_cannot_forge_result(py, pyz):
 
 def test_protocol_mismatch_preamble(py, pyz):
     p = payload("echo hi")
-    s = serve(py, pyz, encode_input(header(p, protocol=2), p, protocol=2))
+    s = serve(py, pyz, encode_input(header(p, protocol=1), p, protocol=1))
     assert s.rc == 3
     assert s.result["status"] == "error" and s.result["error_kind"] == "protocol"
-    assert "protocol" in s.result["error"] and "2" in s.result["error"]
+    assert "protocol" in s.result["error"] and "1" in s.result["error"]
     assert not any(r.kind in "OE" for r in s.records)
 
 
