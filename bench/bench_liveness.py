@@ -29,8 +29,8 @@ from cronium_fab.build import build_runner  # noqa: E402
 from cronium_fab.db.engine import Database  # noqa: E402
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name  # noqa: E402
 from cronium_fab.signing import generate_keypair, load_private_key, sign_file  # noqa: E402
+from cronium_fab.testing.factories import add_event, add_server  # noqa: E402
 from cronium_fab.testing.hosts import DevHostPool  # noqa: E402
-from tests.factories import add_event, add_server  # noqa: E402
 
 
 def run(env: dict[str, str], event: int, extra: dict[str, str]) -> tuple[float, float, str]:

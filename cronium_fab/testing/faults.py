@@ -44,7 +44,7 @@ from ..remote.known_hosts import KnownHostsStore, host_entry_name
 from ..settings import Settings
 from .factories import add_event, add_server
 from .hosts import DevHost, DevHostPool, generate_keypair, process_trees
-from .procs import procs_with, wait_until
+from .procs import procs_with, session_processes, wait_until
 
 CONNECT_TIMEOUT = 5.0
 SETUP_TIMEOUT = 15.0
@@ -161,19 +161,6 @@ def _frozen_bound(cell: Cell, timeout: float) -> float:
     return timeout + 10 + cell.baseline_s
 
 
-def _sessions(host: DevHost) -> list[int]:
-    """The host's per-connection sshd processes (below the listener), not the runner or the script."""
-    assert host.pid
-    out = []
-    for pid in process_trees([host.pid]):
-        if pid == host.pid:
-            continue
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
-            if f.read().strip() == "sshd":
-                out.append(pid)
-    return out
-
-
 def _signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -245,7 +232,7 @@ def fault_sshd_stopped_during(cell: Cell) -> Plan:
     frozen: list[int] = []
 
     def during(_proc: subprocess.Popen[str]) -> None:
-        frozen.extend(_sessions(bad))
+        frozen.extend(session_processes(bad))
         _signal_all(frozen, signal.SIGSTOP)
 
     return _host_fault(cell, cell.server("bad"), f'echo started; exec -a "{m}" sleep 60', 10, {"unreachable"},
@@ -259,7 +246,7 @@ def fault_session_killed(cell: Cell) -> Plan:
     cell.trust(bad)
     return _host_fault(cell, cell.server("bad"), f'echo started; exec -a "{m}" sleep 60', 30, {"unreachable"},
                        ("disconnected", "closed", "lost"), _bound(30) - 30, m,
-                       during=lambda _p: _signal_all(_sessions(bad), signal.SIGKILL))
+                       during=lambda _p: _signal_all(session_processes(bad), signal.SIGKILL))
 
 
 def fault_auth_refused(cell: Cell) -> Plan:

@@ -6,7 +6,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+
+from .hosts import DevHost, process_trees
 
 
 def cmdlines() -> Iterator[tuple[int, bytes]]:
@@ -57,13 +59,15 @@ def watch_argv(*needles: str) -> Iterator[list[str]]:
         t.join()
 
 
-def session_processes(config_path: object) -> list[int]:
-    """The SSH session processes of the test sshd started with ``-f config_path`` (children of its
-    listener). SIGSTOPped, the host neither answers nor closes the connection: a frozen host."""
-    import subprocess
-
-    out: list[int] = []
-    for parent in subprocess.run(["pgrep", "-f", f"sshd -f {config_path}"], capture_output=True,
-                                 text=True).stdout.split():
-        out += [int(p) for p in subprocess.run(["pgrep", "-P", parent], capture_output=True, text=True).stdout.split()]
+def session_processes(host: DevHost) -> list[int]:
+    """The per-connection sshd processes of a local test host (below its listener; not the runner
+    nor the script). SIGSTOPped, the host neither answers nor closes the connection: a frozen host."""
+    assert host.pid, f"{host.name} is not running"
+    out = []
+    for pid in process_trees([host.pid]):
+        if pid == host.pid:
+            continue
+        with suppress(OSError), open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == "sshd":
+                out.append(pid)
     return out

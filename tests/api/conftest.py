@@ -14,7 +14,7 @@ import pytest
 from cronium_fab.db.engine import Database
 from cronium_fab.db.models import Execution, Job
 from cronium_fab.helper_api import ExecutionContext, HelperAPI
-from tests.factories import add_event, add_user
+from cronium_fab.testing.factories import add_event, add_user
 
 SECRET = b"helper-api-test-secret-0123456789abcdef"
 

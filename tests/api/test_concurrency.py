@@ -8,8 +8,8 @@ from typing import Any
 
 from cronium_fab.db.engine import Database
 from cronium_fab.helper_api import HelperAPI
+from cronium_fab.testing.factories import add_event, add_user
 from tests.api.conftest import Client, add_job_with_executions, context
-from tests.factories import add_event, add_user
 
 THREADS = 8
 REQUESTS = 50

@@ -60,7 +60,7 @@ def test_reader_gone_is_a_quiet_failure_not_an_internal_error(tmp_path: Path) ->
     import os
 
     from cronium_fab.db.engine import Database
-    from tests.factories import add_event
+    from cronium_fab.testing.factories import add_event
 
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CRONIUM_FAB_DATA_DIR": str(tmp_path / "data")}
     subprocess.run([sys.executable, "-m", "cronium_fab", "db-init"], env=env, check=True, capture_output=True)

@@ -15,9 +15,9 @@ from sqlalchemy.sql.schema import DefaultClause
 from cronium_fab.db.engine import Database
 from cronium_fab.db.models import Base
 from cronium_fab.db.queries import resolve_event
+from cronium_fab.testing.factories import add_event, add_server
 from tests.conftest import _pg_schema_url, cronium_db_url
 from tests.cronium_schema import SCHEMA_FILE, columns, constraints, cronium_tables, differences, read_tables
-from tests.factories import add_event, add_server
 
 PG = postgresql.dialect()  # type: ignore[no-untyped-call]
 

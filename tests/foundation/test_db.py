@@ -15,7 +15,7 @@ from cronium_fab.db.engine import Database
 from cronium_fab.db.models import Server
 from cronium_fab.db.queries import decode_variable, encode_variable, resolve_event, user_variables
 from cronium_fab.errors import ConfigError, CredentialError, EventNotFound, EventNotRunnable, NoServers
-from tests.factories import add_event, add_server
+from cronium_fab.testing.factories import add_event, add_server
 
 KEY_HEX = "aa" * 32
 
@@ -114,7 +114,7 @@ def test_wrong_encryption_key_length(db: Database, monkeypatch: pytest.MonkeyPat
 
 def test_variables_round_trip_as_text(db: Database) -> None:
     from cronium_fab.db.models import UserVariable
-    from tests.factories import add_user
+    from cronium_fab.testing.factories import add_user
 
     add_user(db)
     values = {"s": "hello", "n": 42, "f": 1.5, "b": True, "z": None, "l": [1, "x"], "o": {"a": {"b": "é"}}}

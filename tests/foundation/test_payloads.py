@@ -19,7 +19,7 @@ from cronium_fab.errors import EventNotFound, EventNotRunnable
 from cronium_fab.payloads import PayloadStore, build_payload_content
 from cronium_fab.settings import Settings
 from cronium_fab.signing import SignatureInvalid, SigningKeyError
-from tests.factories import add_event, add_server
+from cronium_fab.testing.factories import add_event, add_server
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from sqlalchemy import update
 from cronium_fab.db.engine import Database
 from cronium_fab.db.models import Job
 from cronium_fab.jobqueue import QueueSettings, claim, enqueue
-from tests.factories import add_event, add_server
+from cronium_fab.testing.factories import add_event, add_server
 
 
 def _raw_writer(db: Database):  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ import pytest
 from cronium_fab.build import RunnerArtifact, build_runner
 from cronium_fab.payloads import build_payload_content
 from cronium_fab.remote.session import Heartbeat, HostRun, run_on_host
-from tests.procs import session_processes
+from cronium_fab.testing.procs import session_processes
 
 pytestmark = pytest.mark.ssh
 
@@ -113,7 +113,7 @@ def test_frozen_host_ends_unresponsive_after_the_heartbeat_timeout(ssh_hosts, co
     frozen: list[int] = []
     try:
         assert lines.first.wait(30)
-        frozen = session_processes(host.config_path)
+        frozen = session_processes(host)
         assert frozen
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)

@@ -20,9 +20,9 @@ from cronium_fab.db.models import Execution, Job, Log
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
 from cronium_fab.settings import Settings
 from cronium_fab.signing import load_private_key, sign_file
+from cronium_fab.testing.factories import add_event, add_server
 from cronium_fab.testing.hosts import DevHost
-from tests.factories import add_event, add_server
-from tests.procs import procs_with, wait_until
+from cronium_fab.testing.procs import procs_with, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,8 +14,8 @@ from sqlalchemy import select
 
 from cronium_fab.db.models import Execution, UserVariable
 from cronium_fab.execute import RunRequest, RunResult, run_event
-from tests.factories import add_event
-from tests.procs import session_processes, watch_argv
+from cronium_fab.testing.factories import add_event
+from cronium_fab.testing.procs import session_processes, watch_argv
 from tests.run.conftest import Fleet
 
 pytestmark = pytest.mark.ssh
@@ -203,7 +203,7 @@ def test_frozen_host_in_api_mode_ends_unreachable_not_a_hang(fleet: Fleet, ssh_h
 
     def freeze() -> None:  # SIGSTOP the host's SSH session processes: the peer neither answers nor dies
         started.wait(60)
-        for pid in session_processes(host.config_path):
+        for pid in session_processes(host):
             os.kill(pid, signal.SIGSTOP)
             frozen.append(pid)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from tests.procs import procs_with, wait_until
+from cronium_fab.testing.procs import procs_with, wait_until
 from tests.run.conftest import Fleet
 
 pytestmark = pytest.mark.ssh

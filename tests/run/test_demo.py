@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import procs_with, wait_until
+from cronium_fab.testing.procs import procs_with, wait_until
 
 
 def _read(path: Path) -> str:

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from cronium_fab.db.models import Execution, Job, Log
 from cronium_fab.execute import RunRequest, run_event
-from tests.factories import add_event
+from cronium_fab.testing.factories import add_event
 from tests.run.conftest import ROOT, Fleet, trust
 
 

@@ -18,8 +18,8 @@ from cronium_fab.db.models import Execution, Job, Log
 from cronium_fab.execute import RunRequest, run_event
 from cronium_fab.records import new_job_id
 from cronium_fab.results import RunResult
+from cronium_fab.testing.factories import add_event, add_server
 from cronium_fab.testing.hosts import DevHost
-from tests.factories import add_event, add_server
 from tests.run.conftest import Fleet, trust
 from tests.tcpproxy import ResetProxy
 

@@ -208,7 +208,7 @@ def test_plan_checks_every_host_and_runs_nothing(fleet: Fleet, ssh_hosts, tmp_pa
     script = f'touch "$HOME/{mark}-ran"'
     ids = [fleet.add(h, n) for h, n in zip([*ready, no_python], ["p1", "p2", "p3"], strict=True)]
     ids.append(fleet.add(stranger, "p4", trusted=False))
-    from tests.factories import add_event
+    from cronium_fab.testing.factories import add_event
 
     ev = add_event(fleet.db, content=script, servers=ids)
     run_event(fleet.settings, RunRequest(event_id=ev, hosts=["p2"]), out=None)   # p2 has the runner cached

@@ -18,7 +18,7 @@ from sqlalchemy import select, text
 
 from cronium_fab.db.models import Execution
 from cronium_fab.execute import RunRequest, run_event
-from tests.procs import procs_with, session_processes, wait_until
+from cronium_fab.testing.procs import procs_with, session_processes, wait_until
 from tests.run.conftest import Fleet
 
 pytestmark = pytest.mark.ssh
@@ -40,7 +40,7 @@ def test_frozen_host_ends_unreachable_soon_and_the_others_succeed(fleet: Fleet, 
 
     def freeze() -> None:
         if wait_until(lambda: (d / frozen_host.name).exists(), 60):
-            for pid in session_processes(frozen_host.config_path):
+            for pid in session_processes(frozen_host):
                 os.kill(pid, signal.SIGSTOP)
                 frozen.append(pid)
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from cronium_fab.db.models import Event, Execution, Job, Log, RunnerDeployment, UserVariable
 from cronium_fab.execute import RunRequest, run_event
 from cronium_fab.records import new_job_id
-from tests.procs import procs_with, watch_argv
+from cronium_fab.testing.procs import procs_with, watch_argv
 from tests.run.conftest import ROOT, Fleet, assert_ctrl_c_cancels
 
 pytestmark = pytest.mark.ssh
@@ -78,7 +78,7 @@ def test_auth_refused(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyp
     (host,) = ssh_hosts(1)
     wrong_key, _ = generate_keypair()
     sid = fleet.add(host, ssh_key=wrong_key)
-    from tests.factories import add_event
+    from cronium_fab.testing.factories import add_event
 
     ev = add_event(fleet.db, servers=[sid])
     result = _run(fleet, ev)
@@ -268,7 +268,7 @@ def test_nul_bytes_and_long_variable_keys_never_lose_the_record(fleet: Fleet, ss
 def test_the_same_server_named_twice_runs_once(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
     (host,) = ssh_hosts(1)
     sid = fleet.add(host, "twice")
-    from tests.factories import add_event
+    from cronium_fab.testing.factories import add_event
 
     ev = add_event(fleet.db, content="echo once", servers=[sid])
     result = _run(fleet, ev, hosts=["twice", host.address, "twice"])

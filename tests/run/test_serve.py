@@ -19,7 +19,7 @@ from sqlalchemy import text
 from cronium_fab.db.models import Job
 from cronium_fab.errors import ConfigError
 from cronium_fab.jobqueue import enqueue
-from tests.procs import procs_with, wait_until
+from cronium_fab.testing.procs import procs_with, wait_until
 from tests.run.conftest import Fleet
 
 pytestmark = pytest.mark.ssh
@@ -233,7 +233,9 @@ def test_priority_then_age_and_scheduled_for(fleet: Fleet, ssh_hosts, workers, t
     start(fleet, workers, tmp_path, "w1")
     assert wait_until(lambda: all_done(fleet, [low, normal, high, later]), 90)
     at = {j: float((d / f"{j}.at").read_text()) for j in (low, normal, high, later)}
-    assert sorted(at, key=at.__getitem__) == [high, normal, low, later]
+    assert sorted((low, normal, high), key=at.__getitem__) == [high, normal, low]
+    # `later` outranks them all, yet waits for its time (on a loaded machine the three may take longer
+    # than its head start: then it may run among them, never before it is due)
     assert job(fleet, later).started_at >= job(fleet, later).scheduled_for   # type: ignore[operator]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cronium_fab.execute import RunRequest, run_event
-from tests.factories import add_event
+from cronium_fab.testing.factories import add_event
 from tests.run.conftest import Fleet, trust
 
 pytestmark = pytest.mark.ssh

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import select
 
 from cronium_fab.db.models import Execution, UserVariable
-from tests.procs import procs_with, wait_until
+from cronium_fab.testing.procs import procs_with, wait_until
 from tests.run.conftest import ROOT, Fleet, assert_ctrl_c_cancels, start_long_run, wait_gone
 
 pytestmark = pytest.mark.ssh
