@@ -79,8 +79,11 @@ def _proc_table():
 
 
 def detached(path, sid):
-    """Pids handed over on purpose (``cronium.detach``, docs/RUNNER.md): the lines "PID STARTTIME" of
-    the run's registry, kept while that process has that start time and a session of its own."""
+    """Sessions handed over on purpose (``cronium.detach``, docs/RUNNER.md): the lines "PID STARTTIME"
+    of the run's registry name processes started as leaders of a session of their own. Their session
+    is kept while that leader lives with that start time, or, once it is gone, while anything of the
+    session lives (Linux reuses no pid while it is still some process's session id), so a command that
+    daemonizes itself (forks and exits) keeps its children."""
     keep = set()
     try:
         with open(path, "rb") as f:
@@ -91,19 +94,28 @@ def detached(path, sid):
         parts = line.split()
         try:
             pid = int(parts[0])
+        except (ValueError, IndexError):
+            continue
+        if pid in (sid, 0):
+            continue
+        try:
             with open("/proc/%d/stat" % pid, "rb") as f:
                 data = f.read()
-            fields = data[data.rfind(b")") + 2:].split()
-            if len(parts) == 2 and fields[19] == parts[1] and int(fields[3]) not in (sid, 0):
+        except OSError:
+            keep.add(pid)       # the leader is gone: what is left in its session is still handed over
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        try:
+            if len(parts) == 2 and fields[19] == parts[1] and int(fields[3]) == pid:
                 keep.add(pid)
-        except (OSError, ValueError, IndexError):
+        except (ValueError, IndexError):
             continue
     return keep
 
 
 def tree(sid, keep=()):
     """Live pids of the script's tree: our descendants plus anything in the script's session,
-    minus the processes in ``keep`` and everything below them."""
+    minus the processes in the sessions ``keep`` and everything below them."""
     me = os.getpid()
     table = _proc_table()
     if table is None:
@@ -115,7 +127,7 @@ def tree(sid, keep=()):
     stack = [me]
     while stack:
         for c in kids.get(stack.pop(), ()):
-            if c not in out and c not in keep:
+            if c not in out and table[c][1] not in keep:
                 out.add(c)
                 stack.append(c)
     if sid:

@@ -45,6 +45,9 @@ def test_a_detached_process_survives_the_run_and_the_others_do_not(fleet: Fleet,
     script = (
         f'cronium.detach --log {log} bash -c \'echo "service up in $PWD"; exec -a "{tag}-keptA" sleep 300\'\n'
         f'cronium_detach bash -c \'exec -a "{tag}-keptB" sleep 301\' >/dev/null\n'
+        # a command that daemonizes itself: it forks and exits at once (sh -c 'x &', redis --daemonize)
+        f'cronium.detach bash -c \'(exec -a "{tag}-daemon" sleep 305) & exit 0\' >/dev/null\n'
+        'sleep 0.5\n'
         f'nohup bash -c \'exec -a "{tag}-nohup" sleep 302\' >/dev/null 2>&1 &\n'
         f'setsid bash -c \'exec -a "{tag}-setsid" sleep 303\' &\n'
         f'( trap "" TERM HUP; exec -a "{tag}-stubborn" sleep 304 ) &\n'
@@ -68,7 +71,9 @@ def test_a_detached_process_survives_the_run_and_the_others_do_not(fleet: Fleet,
         assert len(set(kept)) == 2, kept
         assert int(pid_line) in kept
         time.sleep(1)       # still there a moment later (nothing is killing them slowly)
-        assert all(procs_with(f"{tag}-{n}") for n in ("keptA", "keptB"))
+        assert all(procs_with(f"{tag}-{n}") for n in ("keptA", "keptB", "daemon"))
+        (daemon,) = procs_with(f"{tag}-daemon")         # its launcher is gone, it was not killed
+        assert os.getsid(daemon) != os.getsid(os.getpid())
         for pid in kept:
             assert os.getsid(pid) == pid                        # its own session
             assert not _cwd(pid).startswith(workdir)            # not in the removed work dir
@@ -77,7 +82,7 @@ def test_a_detached_process_survives_the_run_and_the_others_do_not(fleet: Fleet,
             assert workdir not in "".join(env.values())
         assert wait_until(lambda: "service up in" in log.read_text() if log.exists() else False, 10)
     finally:
-        _kill(procs_with(f"{tag}-keptA"))
+        _kill(procs_with(f"{tag}-keptA") + procs_with(f"{tag}-daemon"))
 
 
 def test_detach_errors_are_clear_and_leave_nothing(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]

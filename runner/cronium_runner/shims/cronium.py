@@ -306,42 +306,30 @@ def detach(argv, log=None):
         raise ValueError("usage: cronium.detach [--log FILE] CMD [ARGS...]")
     if log is not None and not os.path.isabs(log):
         raise ValueError("--log needs an absolute path (the work dir is removed after the run): %r" % log)
-    env = _handover_env()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setsid()
-            home = os.path.expanduser("~")
-            os.chdir(home if os.path.isdir(home) else "/")
-            null = os.open(os.devnull, os.O_RDWR)
-            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log else null
-            os.dup2(null, 0)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            with _Lock():
-                with open("/proc/self/stat", "rb") as f:
-                    data = f.read()
-                start = data[data.rfind(b")") + 2:].split()[19].decode()
-                with open(_path("detached"), "a") as f:
-                    f.write("%d %s\n" % (os.getpid(), start))
-            os.closerange(3, w)
-            os.closerange(w + 1, 65536)
-            os.set_inheritable(w, False)
-            os.execvpe(argv[0], argv, env)
-        except BaseException as e:
-            try:
-                os.write(w, ("%s: %s" % (argv[0], getattr(e, "strerror", None) or e)).encode("utf-8", "replace"))
-            except BaseException:
-                pass
-        os._exit(127)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        err = f.read()            # EOF at exec (close-on-exec), else why it failed
-    if err:
-        os.waitpid(pid, 0)
-        raise OSError(err.decode("utf-8", "replace"))
+    import subprocess   # only here: ~14 ms of imports that no other helper needs
+    home = os.path.expanduser("~")
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log else subprocess.DEVNULL
+    try:
+        # no fork of this (maybe multi-threaded) interpreter running Python in the child: Popen execs
+        proc = subprocess.Popen(argv, cwd=home if os.path.isdir(home) else "/", env=_handover_env(),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,
+                                start_new_session=True)
+    except OSError as e:
+        raise OSError("%s: %s" % (argv[0], e.strerror or e))
+    finally:
+        if log:
+            os.close(out)
+    pid = proc.pid
+    proc.returncode = 0      # not ours to wait for (no ResourceWarning, not kept in subprocess._active)
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        start = data[data.rfind(b")") + 2:].split()[19].decode()
+    except (OSError, IndexError):
+        start = "-"           # already gone: its session (anything it left) is still handed over
+    with _Lock():
+        with open(_path("detached"), "a") as f:
+            f.write("%d %s\n" % (pid, start))
     return pid
 
 
