@@ -5,6 +5,7 @@ printed (the last ``cap`` bytes), and ``--output-dir``'s files (all of it)."""
 from __future__ import annotations
 
 import os
+import queue
 import re
 import threading
 import time
@@ -16,13 +17,24 @@ from .errors import ConfigError
 
 class LivePrinter:
     """Whole lines per host, prefixed with the server name, never interleaved mid-line. Plain
-    text (a pipe, a log file): the host start/end notes are for ``TerminalView``'s status line."""
+    text (a pipe, a log file): the host start/end notes are for ``TerminalView``'s status line.
+
+    The hosts' threads never wait on ``out``: lines go through a bounded queue to one writer
+    thread. A reader that stops reading (a paused pager, Ctrl-S, a caller that drains our stderr
+    only at the end) must not stall the runs: their heartbeats and records go on, and lines that
+    do not fit are counted and said (every byte is in the records: ``cronium-fab show``)."""
+
+    QUEUE_LINES = 10_000
 
     def __init__(self, out: IO[str] | None, names: list[str]) -> None:
         self.out = out
         self.width = max((len(n) for n in names), default=4)
         self._lock = threading.Lock()
         self._partial: dict[tuple[str, str], bytes] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue(self.QUEUE_LINES)
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self._dropped = 0
 
     def host_started(self, host: str) -> None:
         """``host`` began (connecting)."""
@@ -31,7 +43,15 @@ class LivePrinter:
         """``host`` ended in ``status`` (or never started: ``skipped``, ``cancelled``)."""
 
     def close(self) -> None:
-        """The run is over (before its summary is printed)."""
+        """The run is over (before its summary is printed): what is queued is written, then
+        writes are direct again."""
+        with self._lock:
+            self._closed = True
+            writer = self._writer
+        if writer is not None:
+            self._queue.put(None)
+            writer.join()
+        self._say_dropped()
 
     def feed(self, host: str, stream: str, data: bytes) -> None:
         if self.out is None:
@@ -66,9 +86,37 @@ class LivePrinter:
 
     def _write(self, text: str) -> None:
         with self._lock:
-            assert self.out is not None
-            self.out.write(text)
-            self.out.flush()
+            if self._closed:
+                direct = True
+            else:
+                direct = False
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._drain, name="live-output", daemon=True)
+                    self._writer.start()
+                try:
+                    self._queue.put_nowait(text)
+                except queue.Full:
+                    self._dropped += text.count("\n") or 1
+        if direct:
+            self._put(text)
+
+    def _drain(self) -> None:
+        while (text := self._queue.get()) is not None:
+            self._say_dropped()
+            self._put(text)
+
+    def _say_dropped(self) -> None:
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            self._put(f"[cronium-fab: {dropped} lines of live output not shown: this output was not read fast "
+                      "enough; every line is in the run's records (cronium-fab show LOG_ID)]\n")
+
+    def _put(self, text: str) -> None:
+        """Write to ``out`` (the writer thread, or after ``close``)."""
+        assert self.out is not None
+        self.out.write(text)
+        self.out.flush()
 
 
 class Progress:
@@ -140,15 +188,14 @@ class TerminalView(LivePrinter):
             self._running.discard(host)
         self.progress.finished(status, was_running=was_running)
 
-    def _write(self, text: str) -> None:
-        with self._lock:
-            # printed through the console, it lands above the status line
-            self.console.print(self._text(text.removesuffix("\n")), soft_wrap=True)
+    def _put(self, text: str) -> None:
+        # printed through the console, it lands above the status line
+        self.console.print(self._text(text.removesuffix("\n")), soft_wrap=True)
 
     def close(self) -> None:
-        with self._lock:
-            if self._live.is_started:
-                self._live.stop()
+        super().close()
+        if self._live.is_started:
+            self._live.stop()
 
 
 def prepare_output_dir(path: str | os.PathLike[str]) -> Path:

@@ -134,17 +134,52 @@ def test_live_printer_whole_lines_prefixed_and_never_mixed() -> None:
     p.feed("a", "stdout", b"o\n\xff\n")
     p.feed("a", "stdout", b"no newline")
     p.flush("a")
+    p.close()
     assert out.getvalue().splitlines() == [
         "a         | one", "long-name ! err", "a         | two", "a         | \ufffd", "a         | no newline"]
 
 
 def test_live_printer_cuts_a_huge_line_and_is_silent_without_output() -> None:
     out = io.StringIO()
-    LivePrinter(out, ["h"]).feed("h", "stdout", b"x" * 70000)
+    p = LivePrinter(out, ["h"])
+    p.feed("h", "stdout", b"x" * 70000)
+    p.close()
     assert out.getvalue() == "h | " + "x" * 70000 + "\n"
     silent = LivePrinter(None, ["h"])
     silent.feed("h", "stdout", b"a\n")
     silent.message("hello")   # nothing to write to, nothing raised
+
+
+def test_a_reader_that_stops_reading_never_stalls_the_hosts() -> None:
+    """A paused pager (or a caller reading our stderr only at the end): the hosts' threads go on,
+    the lines that did not fit are counted and said once the reader is back, none is lost silently."""
+    import threading
+
+    class Paused(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.go = threading.Event()
+
+        def write(self, text: str) -> int:
+            self.go.wait()
+            return super().write(text)
+
+    out = Paused()
+    p = LivePrinter(out, ["h"])
+    n = LivePrinter.QUEUE_LINES * 2
+    fed = threading.Thread(target=lambda: [p.feed("h", "stdout", b"line %d\n" % i) for i in range(n)])
+    fed.start()
+    fed.join(60)
+    assert not fed.is_alive(), "feeding the printer waited on the paused reader"
+    out.go.set()
+    p.close()
+    p.message("summary")     # after close: written directly, after everything queued
+    lines = out.getvalue().splitlines()
+    shown = [x for x in lines if x.startswith("h | line ")]
+    notes = [x for x in lines if x.startswith("[cronium-fab: ")]
+    dropped = sum(int(x.split()[1]) for x in notes)
+    assert notes and len(shown) + dropped == n and lines[-1] == "summary"
+    assert [int(x.split()[-1]) for x in shown] == sorted(int(x.split()[-1]) for x in shown)
 
 
 def test_capped_buffer_keeps_the_tail_and_says_what_it_dropped() -> None:
