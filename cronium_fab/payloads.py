@@ -179,10 +179,8 @@ class PayloadStore:
         stale_paths: list[Path] = []
         try:
             with self.db.session() as s:
-                if self.db.dialect == "sqlite":
-                    # take SQLite's write lock now: concurrent builders (threads or processes) queue
-                    # here and the later one finds the payload already built
-                    s.execute(update(Event).where(Event.id == event_id).values(payload_version=Event.payload_version))
+                # concurrent builders (threads or processes) queue on this lock (SQLite: the write
+                # lock, db/engine.py) and the later one finds the payload already built
                 event = s.scalars(select(Event).where(Event.id == event_id).with_for_update()).first()
                 if event is None:
                     get_event(s, event_id)  # raises EventNotFound

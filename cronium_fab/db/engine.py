@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConfigError, DatabaseUnavailable
 from .models import Base
@@ -61,12 +61,29 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        @event.listens_for(engine, "before_execute")
+        def _sqlite_lock_for_update(conn: Any, statement: Any, *_args: Any) -> None:
+            # SQLite has no FOR UPDATE: a read that asks for it (ORM or Core) takes the database's
+            # write lock instead (BEGIN IMMEDIATE), so what it read cannot change before its
+            # transaction writes. pysqlite would begin only at the first write, leaving the read
+            # outside the transaction (a claim could overwrite a cancel written in between).
+            if getattr(statement, "_for_update_arg", None) is None:
+                return
+            if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                return
+            if not conn.connection.driver_connection.in_transaction:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
         return engine
     try:
         engine = create_engine(
             # no pre-ping: it doubles every query of the helper API; runs are short, and a connection
             # idle for 5 minutes is replaced instead
-            url, pool_recycle=300, hide_parameters=True, connect_args={"connect_timeout": 10}
+            # TCP keepalives and a user timeout: a cut network fails a query within ~30 s instead
+            # of the kernel's ~15 minutes of retransmissions (a worker must notice it lost its lease)
+            url, pool_recycle=300, hide_parameters=True,
+            connect_args={"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                          "keepalives_count": 3, "tcp_user_timeout": 30000},
         )
     except Exception as exc:  # a missing driver, a bad dialect
         raise ConfigError(f"cannot use database {safe_url(url)}: {exc}") from None
@@ -110,18 +127,6 @@ def missing_tables(engine: Engine) -> list[str]:
     return [t.name for t in Base.metadata.sorted_tables if t.name not in existing]
 
 
-def _sqlite_lock_for_update(state: ORMExecuteState) -> None:
-    """SQLite has no ``FOR UPDATE``: a read that asks for it takes the database's write lock
-    instead (``BEGIN IMMEDIATE``), so what it read cannot change before its transaction writes.
-    pysqlite would begin only at the first write, leaving the read outside the transaction (a
-    claim could then overwrite a cancel written in between)."""
-    if not state.is_select or getattr(state.statement, "_for_update_arg", None) is None:
-        return
-    conn = state.session.connection()
-    if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 class Database:
     """An engine plus a session factory. One per process (or per test)."""
 
@@ -132,8 +137,6 @@ class Database:
         # ROLLBACK round trip (PostgreSQL: 0.2 ms instead of 0.4 ms per read, measured locally).
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        if self.dialect == "sqlite":
-            event.listen(self._sessions, "do_orm_execute", _sqlite_lock_for_update)
 
     @property
     def dialect(self) -> str:
