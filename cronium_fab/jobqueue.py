@@ -136,36 +136,56 @@ class LeaseKeeper:
         self.db, self.qs, self.claim, self.on_stop = db, qs, c, on_stop
         self.lost: str | None = None
         self._done = threading.Event()
+        self._once = threading.Lock()
+        self._held_until = time.monotonic() + qs.lease_s   # the lease surely holds until then
         self._thread = threading.Thread(target=self._loop, name=f"lease-{c.job_id}", daemon=True)
+        # a database call that hangs (a cut network: TCP retries for minutes) must not keep the run
+        # going past the lease, when another worker may re-queue the job: a clock of its own
+        self._deadline = threading.Thread(target=self._watch_deadline, name=f"lease-deadline-{c.job_id}", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()
+        self._deadline.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join(10)
+        self._deadline.join(10)
+
+    def _stop(self, reason: str) -> None:
+        with self._once:
+            if self.lost is not None or self._done.is_set():
+                return
+            self.lost = reason
+        self._done.set()
+        self.on_stop(reason)
+
+    def _watch_deadline(self) -> None:
+        while not self._done.wait(0.5):
+            if time.monotonic() > self._held_until:
+                self._stop(f"worker {self.qs.worker_id} lost its lease on the job (the database did not answer "
+                           f"for {self.qs.lease_s:g} s)")
+                return
 
     def _loop(self) -> None:
         interval = min(self.qs.heartbeat_s, 0.5)   # cancel within a second; the lease renews less often
         next_renew = 0.0
-        held_until = time.monotonic() + self.qs.lease_s   # the lease surely holds until then
         while not self._done.wait(interval):
             try:
                 t = time.monotonic()
                 renew = t >= next_renew
                 reason = self._check(renew=renew)
                 if renew:
-                    held_until = t + self.qs.lease_s
+                    self._held_until = t + self.qs.lease_s
             except Exception as exc:   # the database is away for a moment: the lease may still hold
                 log.warning("job %s: heartbeat failed: %s", self.claim.job_id, exc)
-                if time.monotonic() < held_until:
+                if time.monotonic() < self._held_until:
                     continue
                 # it may have run out: another worker may re-queue the job, so our run stops
                 reason = f"worker {self.qs.worker_id} lost its lease on the job (the database was away: {exc})"
             if reason:
-                self.lost = reason
-                self.on_stop(reason)
+                self._stop(reason)
                 return
             next_renew = time.monotonic() + self.qs.heartbeat_s if time.monotonic() >= next_renew else next_renew
 

@@ -102,3 +102,23 @@ def test_jobs_lists_by_status_event_and_worker(db: Database, tmp_path: Path) -> 
     assert ids("--worker", "w2") == []
     bad = jobs("--status", "done")
     assert bad.returncode == 2 and "queued, claimed, running, completed, failed, cancelled" in bad.stderr
+
+
+def test_a_lease_check_that_hangs_stops_the_run_when_the_lease_may_have_run_out(db: Database) -> None:
+    """A cut network can leave a query hanging for minutes: the run must stop once the lease may
+    have run out (another worker may then re-queue the job), whatever the hung call does."""
+    from cronium_fab.jobqueue import LeaseKeeper
+    from cronium_fab.testing.procs import wait_until
+
+    ev = add_event(db, servers=[add_server(db)])
+    enqueue(db, ev)
+    qs = QueueSettings(worker_id="w1", lease_s=1.0)
+    (c,) = claim(db, qs, 1)
+    stopped: list[str] = []
+    release = threading.Event()
+    keeper = LeaseKeeper(db, qs, c, stopped.append)
+    keeper._check = lambda *, renew: release.wait(60) and None   # type: ignore[method-assign]   # the database hangs
+    with keeper:
+        assert wait_until(lambda: stopped, 20)
+        release.set()
+    assert len(stopped) == 1 and "did not answer" in stopped[0] and keeper.lost == stopped[0]
