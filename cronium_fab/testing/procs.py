@@ -68,6 +68,6 @@ def session_processes(host: DevHost) -> list[int]:
         if pid == host.pid:
             continue
         with suppress(OSError), open(f"/proc/{pid}/comm") as f:
-            if f.read().strip() == "sshd":
+            if f.read().strip().startswith("sshd"):   # sshd, or sshd-session (OpenSSH >= 9.8)
                 out.append(pid)
     return out

@@ -134,7 +134,7 @@ def test_heartbeats_keep_a_long_quiet_script_alive(ssh_hosts, connect, real_runn
     (host,) = ssh_hosts(1)
     conn = connect(host)
     lines = Lines()
-    run = run_script(conn, real_runner, "sleep 7; echo done", lines=lines, heartbeat=Heartbeat(0.5, 2.0))
+    run = run_script(conn, real_runner, "sleep 12; echo done", lines=lines, heartbeat=Heartbeat(1.0, 5.0))
     assert run.error_kind is None, (run.error_kind, run.error)
     assert run.result is not None and run.result["status"] == "success"
     assert lines.out["stdout"] == b"done\n"

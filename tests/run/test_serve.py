@@ -155,7 +155,7 @@ def test_frozen_worker_s_scripts_stop_and_the_job_runs_once_soon(fleet: Fleet, s
     assert wait_until(lambda: len(procs_with(marker)) == 2, 60)
     a.proc.send_signal(signal.SIGSTOP)              # frozen mid-script, past its lease
     assert wait_until(lambda: procs_with(marker) == [], 30), "the frozen worker's scripts outlived its silence"
-    b = start(fleet, workers, tmp_path, "wb", "--lease", "2", **LEASE, **HEARTBEAT)
+    b = start(fleet, workers, tmp_path, "wb", "--lease", "2", **LEASE)   # its run must not be cut off: defaults
     assert wait_until(lambda: all_done(fleet, [job_id]), 90), (   # the old rule waited 120 s + grace
         job(fleet, job_id).status, job(fleet, job_id).scheduled_for, b.text()[-3000:])
     a.proc.send_signal(signal.SIGCONT)              # back: it must stop, not record
