@@ -160,10 +160,9 @@ def test_embedded_database_is_private_even_with_a_loose_umask(tmp_path: Path) ->
     db.dispose()
 
 
+@pytest.mark.parametrize("db_url", ["postgresql", "cronium"], indirect=True)   # SQLite has no row locks
 def test_a_frozen_process_cannot_hold_postgresql_row_locks_for_ever(db: Database) -> None:
     """A serve worker frozen (SIGSTOP) inside a short transaction would keep its job row locked,
-    and every other worker's reaper skips locked rows: PostgreSQL ends such a session."""
-    if db.dialect != "postgresql":
-        return
+    and every other worker's reapers skip locked rows: PostgreSQL ends such a session."""
     with db.engine.connect() as conn:
         assert conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == "30s"
