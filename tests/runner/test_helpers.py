@@ -310,3 +310,39 @@ def test_api_mode_error_is_visible(py, pyz, fake_api):
     s = run_serve(py, pyz, "cronium.getVariable known; echo rc=$?", helper_mode="api",
                   api={"endpoint": url, "token": "wrong"})
     assert b"rc=1" in s.stdout and b"HTTP 401" in s.stderr_script
+
+
+def test_python_detach_from_a_threaded_script_hands_the_process_over(any_py, pyz, tmp_path):
+    """``cronium.detach([...])`` in a script with a thread running: the command is started (exec,
+    no Python in a forked child), in its own session, and outlives the run; a missing program is a
+    clear OSError."""
+    import os
+    import signal
+    import time
+
+    from cronium_fab.testing.procs import procs_with
+
+    tag = f"crnr-pydetach-{os.getpid()}-{time.monotonic_ns()}"
+    log = tmp_path / "svc.log"
+    script = (
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
+        f"pid = cronium.detach(['bash', '-c', 'echo up; exec -a {tag} sleep 300'], log={str(log)!r})\n"
+        "print(pid)\n"
+        "try:\n"
+        "    cronium.detach(['/no/such/program'])\n"
+        "except OSError as e:\n"
+        "    print('error:', e)\n"
+    )
+    s = run_serve(any_py, pyz, script, "python")
+    try:
+        assert s.result["status"] == "success", (s.result, s.stderr_script)
+        first, second = s.stdout.decode().splitlines()
+        assert second == "error: /no/such/program: No such file or directory"
+        time.sleep(0.5)                    # the runner's clean-up is over: it was left alone
+        (pid,) = procs_with(tag)
+        assert pid == int(first) and os.getsid(pid) == pid
+        assert log.read_text() == "up\n" and (log.stat().st_mode & 0o777) == 0o600
+    finally:
+        for p in procs_with(tag):
+            os.kill(p, signal.SIGKILL)
