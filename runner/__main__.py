@@ -9,7 +9,7 @@ import sys
 
 
 def _code_cache():
-    try:   # as cronium_runner.lite.sha256: hashlib's OpenSSL import costs ~5 ms a run
+    try:   # the rule of cronium_runner.lite.sha256 (the archive is small: built-in, no hashlib import)
         if sys.version_info >= (3, 12):
             from _sha2 import sha256
         else:

@@ -6,13 +6,27 @@ The real ones cost ``shutil`` (+ ``fnmatch``, ``bz2``, ``lzma``), ``shlex``, ``r
 import os
 import sys
 
-try:   # the interpreter's own SHA-256, without hashlib's OpenSSL import (~5 ms a run)
+# SHA-256, one rule for every copy of this fallback (here, runner/__main__.py and the bootstrap in
+# cronium_fab/remote/runner_cache.py): the interpreter's own ``_sha2`` (``_sha256`` before 3.12) for
+# inputs under SMALL_HASH, which spares the warm path hashlib's OpenSSL import (~5 ms a run);
+# ``hashlib`` for larger ones: the built-in has no SHA-NI and is ~9x slower on a big payload.
+SMALL_HASH = 1 << 20
+try:
     if sys.version_info >= (3, 12):
-        from _sha2 import sha256
+        from _sha2 import sha256 as _small_sha256
     else:
-        from _sha256 import sha256
+        from _sha256 import sha256 as _small_sha256
 except ImportError:   # built without it: OpenSSL's
-    from hashlib import sha256
+    _small_sha256 = None
+
+
+def sha256(data):
+    """``hashlib.sha256(data)`` (see the rule above)."""
+    if _small_sha256 is not None and len(data) < SMALL_HASH:
+        return _small_sha256(data)
+    import hashlib
+    return hashlib.sha256(data)
+
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@%+=:,./-")
 
@@ -54,9 +68,9 @@ def which(cmd, path=None):
     return None
 
 
-def rmtree(path):
+def rmtree(path, tick=None):
     """Remove the tree at ``path`` without following symlinks; errors are ignored (the tree may be
-    half gone), like ``shutil.rmtree(path, ignore_errors=True)``."""
+    half gone), like ``shutil.rmtree(path, ignore_errors=True)``. ``tick()`` is called per entry."""
     if os.path.islink(path):
         return
     try:
@@ -65,12 +79,14 @@ def rmtree(path):
     except OSError:
         entries = []
     for e in entries:
+        if tick is not None:
+            tick()
         try:
             is_dir = e.is_dir(follow_symlinks=False)
         except OSError:
             is_dir = False
         if is_dir:
-            rmtree(e.path)
+            rmtree(e.path, tick)
         else:
             try:
                 os.unlink(e.path)

@@ -244,6 +244,17 @@ def test_rmtree_removes_without_following_links(tmp_path):
     lite.rmtree(str(tmp_path / "missing"))        # errors are ignored
 
 
+def test_sha256_is_hashlibs_on_both_sides_of_the_size_rule():
+    """Built-in SHA-256 under lite.SMALL_HASH (no OpenSSL import on the warm path), hashlib above
+    (SHA-NI): the same digests either way."""
+    for n in (0, 3, lite.SMALL_HASH - 1, lite.SMALL_HASH, 3 * lite.SMALL_HASH + 7):
+        data = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+        assert lite.sha256(data).hexdigest() == hashlib.sha256(data).hexdigest(), n
+    if lite._small_sha256 is not None:      # CPython always has it
+        assert "hashlib" not in type(lite.sha256(b"x")).__module__
+        assert "hashlib" in type(lite.sha256(b"x" * lite.SMALL_HASH)).__module__
+
+
 # --- spawn -----------------------------------------------------------------------------------
 def _run(argv, cwd, preexec=lambda: None) -> tuple[int, bytes, bytes]:
     pid, out, err = execute.spawn(argv, cwd, {"PATH": "/usr/bin:/bin"}, preexec)
