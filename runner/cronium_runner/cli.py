@@ -201,8 +201,10 @@ def _private_dir():
 
 
 def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, umask=0o022, subreaper=False,
-                silence_s=None, tick=None):
-    """Everything between a verified payload and the result dict. Never raises RunnerError."""
+                hearing=None, tick=None):
+    """Everything between a verified payload and the result dict. Never raises RunnerError.
+    ``tick(now)`` (keepalive, rate-limited by the caller) is called through set-up and clean-up."""
+    now_tick = (lambda: tick(time.monotonic())) if tick is not None else None
     t0 = time.monotonic()
     res = {
         "status": "error", "exit_code": None, "signal": None, "timed_out": False,
@@ -224,9 +226,7 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
                 or os.environ.get("PATH") or DEFAULT_PATH
             interp = _interpreter(header, manifest["interpreter"], path)
             workdir = _private_dir()
-            extract.write_plan(opened, workdir)
-            if tick is not None:   # a slow set-up (a big payload, a loaded host) is not silence
-                tick(time.monotonic())
+            extract.write_plan(opened, workdir, now_tick)   # a slow set-up (a big payload) is not silence
             meta = manifest["metadata"]
             ctx = _context(header, meta, workdir)
             input_data = header.get("input")
@@ -239,7 +239,7 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
                 [interp, os.path.join(workdir, manifest["entrypoint"])], env, workdir, sink,
                 timeout=float(timeout) if timeout else None, grace=header.get("kill_grace", 5.0),
                 limits=header.get("limits"), watch_fd=watch_fd, wake_fd=wake_fd, umask=umask, libc=libc,
-                silence_s=silence_s, tick=tick)
+                hearing=hearing, tick=tick)
             script.subreaper = subreaper
             STATE.script = script
             STATE.phase = "running"
@@ -264,13 +264,15 @@ def run_payload(header, payload, sink, watch_fd=None, wake_fd=None, libc=None, u
             script.kill_all()
             script.stop()
         t_clean = time.monotonic()
+        if now_tick is not None:   # a slow clean-up (a big tree, a loaded host) is not silence either
+            now_tick()
         if state is not None:
             try:
                 res["output"], res["output_set"], res["variables"], res["condition"] = helpers.collect(state, snapshot)
             except Exception:
                 pass
         if workdir and not header.get("keep_workdir"):
-            lite.rmtree(workdir)
+            lite.rmtree(workdir, now_tick)
         elif workdir:
             res["workdir"] = workdir
     if script is not None and script.status is not None:
@@ -320,6 +322,7 @@ def _serve(w, wake, umask):
     subreaper = execute.become_subreaper(libc)
     _hello(w)
     header, payload = protocol.read_input(0)
+    hearing = None
     try:
         cap = header.get("output_cap")
         cap = DEFAULT_CAP if cap is None else max(int(cap), 0)
@@ -328,9 +331,10 @@ def _serve(w, wake, umask):
     cappers = {b"O": Capper(cap), b"E": Capper(cap)}
     hb = protocol.heartbeat(header)
     tick = None
-    if hb is not None:   # stdout stalled as long as the controller may be silent = broken
+    if hb is not None:   # stdout stalled while the controller is silent, as long as it may be = broken
         os.set_blocking(1, False)
         w.stall_s = hb[1]
+        w.hearing = hearing = protocol.Hearing(0, hb[1])   # its clock starts now: the input is read
 
         def tick(now):
             if now - w.last >= hb[0]:
@@ -346,7 +350,7 @@ def _serve(w, wake, umask):
             _written(w.write(protocol.stream_records(kind, ts, live)))
 
     res = run_payload(header, payload, sink, watch_fd=0, wake_fd=wake, libc=libc, umask=umask,
-                      subreaper=subreaper, silence_s=hb and hb[1], tick=tick)
+                      subreaper=subreaper, hearing=hearing, tick=tick)
     for kind, name in ((b"O", "stdout"), (b"E", "stderr")):
         c = cappers[kind]
         if c.dropped:

@@ -256,11 +256,12 @@ class Script:
     """One run of the script. ``sink(kind, ts, data)`` gets output; ``kind`` is b"O" or b"E"."""
 
     def __init__(self, argv, env, cwd, sink, timeout=None, grace=5.0, limits=None,
-                 watch_fd=None, umask=0o022, wake_fd=None, libc=None, silence_s=None, tick=None):
+                 watch_fd=None, umask=0o022, wake_fd=None, libc=None, hearing=None, tick=None):
         self.argv, self.env, self.cwd, self.sink = argv, env, cwd, sink
-        # heartbeat: with ``silence_s``, a ``watch_fd`` on which nothing arrived for that long
-        # cancels (the controller is frozen or cut off); ``tick(now)`` is called at least once a second
-        self.silence_s, self.tick = silence_s, tick
+        # heartbeat: with ``hearing`` (protocol.Hearing of ``watch_fd``), nothing heard for its timeout
+        # cancels (the controller is frozen or cut off); ``tick(now)`` is called at least once a second,
+        # also while the tree is stopped after the loop
+        self.hearing, self.tick = hearing, tick
         self.timeout = timeout
         self.grace = max(float(grace), 0.0)
         self.limits = self._limits(limits or {})
@@ -339,17 +340,17 @@ class Script:
         deadline = self.started + self.timeout if self.timeout else None
         kill_at = None          # when SIGTERM was sent: SIGKILL deadline
         hard_done = None        # when SIGKILL was sent
-        heard = self.started    # the last byte from the controller (heartbeat)
         while True:
             self._reap()
             now = time.monotonic()
             if self.tick is not None:
                 self.tick(now)
-            if (self.silence_s and self.watch_fd is not None and now - heard > self.silence_s
+            hearing = self.hearing if self.watch_fd is not None else None
+            if (hearing is not None and hearing.silent(now) and not hearing.closed
                     and not select.select([self.watch_fd], [], [], 0)[0]):
                 self.cancel_reason = self.cancel_reason or (
                     "controller silent for %d s (no heartbeat on stdin: controller frozen or network cut)"
-                    % (now - heard))
+                    % (now - hearing.heard))
             if kill_at is None:
                 grace = None
                 if self.cancel_reason:
@@ -379,8 +380,8 @@ class Script:
             for t in (deadline if kill_at is None and self.status is None else None, kill_at if hard_done is None else None):
                 if t is not None:
                     wait = min(wait, max(t - now, 0.0))
-            if self.silence_s and self.watch_fd is not None:
-                wait = min(wait, max(heard + self.silence_s - now, 0.0) + 0.01)
+            if hearing is not None:
+                wait = min(wait, max(hearing.heard + hearing.timeout - now, 0.0) + 0.01)
             if hard_done is not None:
                 wait = min(wait, 0.05)
             try:
@@ -401,11 +402,13 @@ class Script:
                         poller.unregister(fd)
                         del fds[fd]
                 elif fd == self.watch_fd:
-                    try:
-                        data = os.read(fd, READ_SIZE)
-                    except OSError:
-                        data = b""
-                    heard = time.monotonic()
+                    if self.hearing is not None:
+                        data = self.hearing.listen()
+                    else:
+                        try:
+                            data = os.read(fd, READ_SIZE)
+                        except OSError:
+                            data = b""
                     if not data:
                         poller.unregister(fd)
                         self.watch_fd = None
@@ -427,9 +430,14 @@ class Script:
         except OSError:
             return True
 
+    def _tick(self):
+        if self.tick is not None:
+            self.tick(time.monotonic())
+
     def kill_all(self):
         """SIGKILL the tree until nothing of it is left (catches forks racing the kill)."""
         for _ in range(200):
+            self._tick()
             pids = self._signal(signal.SIGKILL)
             self._reap()
             if not pids:
@@ -447,6 +455,7 @@ class Script:
             end = time.monotonic() + min(self.grace, 2.0)
             while time.monotonic() < end and self._tree():
                 self._reap()
+                self._tick()
                 time.sleep(0.01)
             self.kill_all()
         while self.status is None:

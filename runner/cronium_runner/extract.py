@@ -211,12 +211,15 @@ def _read(tar, member):
         f.close()
 
 
-def write_plan(opened, dest):
-    """Write the validated members below ``dest`` (which must exist, private and empty)."""
+def write_plan(opened, dest, tick=None):
+    """Write the validated members below ``dest`` (which must exist, private and empty); ``tick()``
+    is called per member and per MiB written (a big payload takes a while: it is not silence)."""
     tar, plan, max_bytes = opened
     written = 0
     try:
         for name, kind, m in plan:
+            if tick is not None:
+                tick()
             path = os.path.join(dest, name)
             if kind == "dir":
                 os.makedirs(path, 0o700, exist_ok=True)
@@ -238,6 +241,8 @@ def write_plan(opened, dest):
                         raise RunnerError("extract", "archive expands to more than %d bytes" % max_bytes)
                     out.write(buf)
                     left -= len(buf)
+                    if tick is not None:
+                        tick()
     except tar.crnr_errors as e:
         raise RunnerError("extract", "cannot extract payload: %s" % e)
     finally:

@@ -100,18 +100,68 @@ def stream_records(kind, ts, data):
     return b"".join(record(kind, stamp + data[i:i + step]) for i in range(0, len(data), step))
 
 
+class Hearing:
+    """When the controller was last heard on ``fd`` (its heartbeat, PROTOCOL.md §2): shared by the
+    script's loop and the stdout writer, which both read the heartbeat bytes. The clock starts when
+    the input (header and payload) has been read."""
+
+    def __init__(self, fd, timeout):
+        self.fd, self.timeout = fd, timeout
+        self.heard = time.monotonic()
+        self.closed = False
+
+    def listen(self):
+        """Read what is waiting on ``fd`` (call it when readable): bytes are a heartbeat, EOF closes."""
+        try:
+            data = os.read(self.fd, CHUNK)
+        except OSError:
+            data = b""
+        if data:
+            self.heard = time.monotonic()
+        else:
+            self.closed = True
+        return data
+
+    def silent(self, now):
+        return self.closed or now - self.heard > self.timeout
+
+
 class FrameWriter:
     """Writes records to an fd; remembers a broken pipe instead of raising twice.
 
     With ``stall_s`` (a non-blocking fd), a write that makes no progress for that long counts as
     broken: a frozen controller stops reading, and a runner blocked on a full pipe would notice
-    nothing (nor the silence on stdin). ``last`` is when a write last went through (monotonic)."""
+    nothing (nor the silence on stdin). With ``hearing`` too, a slow reader is not a frozen one: while
+    the write waits, the controller's heartbeat is read, and stdout is broken only once it is stalled
+    and the controller silent (or its stdin closed) for ``stall_s``. ``last`` is when a write last
+    went through (monotonic)."""
 
     def __init__(self, fd):
         self.fd = fd
         self.broken = False
         self.stall_s = None
+        self.hearing = None
         self.last = time.monotonic()
+
+    def _wait(self):
+        """Wait until the fd takes more; raise OSError when it is stalled as described above."""
+        if self.stall_s is None:
+            raise OSError("stdout would block")
+        h = self.hearing
+        start = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - start >= self.stall_s and (h is None or h.silent(now)):
+                raise OSError("stdout made no progress for %s s" % self.stall_s)
+            watch = [h.fd] if h is not None and not h.closed else []
+            wait = max(start + self.stall_s - now, 0.0)
+            if h is not None and not h.closed:
+                wait = max(wait, h.heard + h.timeout - now) + 0.01
+            readable, writable, _ = select.select(watch, [self.fd], [], min(wait, 1.0))
+            if writable:
+                return
+            if readable:
+                h.listen()
 
     def write(self, data):
         if self.broken:
@@ -122,8 +172,7 @@ class FrameWriter:
                 try:
                     n = os.write(self.fd, view)
                 except BlockingIOError:
-                    if self.stall_s is None or not select.select([], [self.fd], [], self.stall_s)[1]:
-                        raise OSError("stdout made no progress for %s s" % self.stall_s)
+                    self._wait()
                     continue
                 view = view[n:]
                 self.last = time.monotonic()

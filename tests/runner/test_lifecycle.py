@@ -286,3 +286,36 @@ def test_frozen_controller_not_reading_a_flood_still_stops_the_script(py, pyz, t
 def test_bad_heartbeat_is_a_protocol_error(py, pyz, hb):
     s = run_serve(py, pyz, "true", heartbeat=hb)
     assert s.rc == 3 and s.result["error_kind"] == "protocol" and "heartbeat" in s.result["error"]
+
+
+@pytest.mark.timeout(90)
+def test_a_slow_reader_sending_heartbeats_is_not_a_broken_stdout(py, pyz, tmpdir_env):
+    """Back-pressure is not a frozen controller: stdout stays full for longer than the heartbeat
+    timeout while the controller's heartbeats keep coming; the run ends normally, nothing lost."""
+    env, tmp = tmpdir_env
+    p = payload("head -c 1000000 /dev/zero | tr '\\0' x; echo; echo done", "bash")
+
+    def slow(proc):
+        _send_heartbeats(0.5)(proc)
+        time.sleep(9)          # the reader reads nothing for three silence timeouts
+
+    s = serve(py, pyz, encode_input(header(p, timeout=60, heartbeat={"interval": 1, "timeout": 3}), p),
+              env=env, after_write=slow)
+    assert s.result["status"] == "success", s.result
+    assert s.stdout == b"x" * 1000000 + b"\ndone\n"
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_keepalives_continue_while_leftovers_are_stopped(py, pyz, tmpdir_env):
+    """After the script: stopping a leftover that ignores SIGTERM takes the kill grace (2 s), and the
+    runner keeps sending K records meanwhile (a controller must not take it for a frozen host)."""
+    env, tmp = tmpdir_env
+    p = payload('(trap "" TERM; exec sleep 100) >/dev/null 2>&1 &\necho started', "bash")
+    s = serve(py, pyz, encode_input(header(p, timeout=60, heartbeat={"interval": 0.2, "timeout": 10}), p),
+              env=env, after_write=_send_heartbeats(0.5))
+    assert s.result["status"] == "success", s.result
+    kinds = "".join(r.kind for r in s.records)
+    after = kinds[kinds.index("O") + 1:]
+    assert after.count("K") >= 3, kinds          # ~2 s / 0.2 s, with room for a loaded machine
+    assert list(tmp.iterdir()) == []
