@@ -13,7 +13,8 @@ import re
 # Runs under whatever python3 the host has, so it must parse on old versions (no f-strings) and
 # contain no single quote (it travels inside '...' in the shell command). argv: path, sha, args...
 # The interpreter's own SHA-256 (``_sha2`` from 3.12, ``_sha256`` before): hashlib would import
-# OpenSSL's ``_hashlib`` on every run (~5 ms of CPU).
+# OpenSSL's ``_hashlib`` on every run (~5 ms of CPU). It is slower per byte (no SHA-NI), so the
+# runner uses it only below 1 MiB (runner/cronium_runner/lite.py); the runner file is smaller.
 _HEAD = """\
 import sys
 sys.path[:] = [p for p in sys.path if p not in ("", ".")]
