@@ -197,9 +197,8 @@ def _drive(
     heartbeat: Heartbeat | None,
 ) -> bool:
     pending = memoryview(stdin_data)
-    # the runner's last sign of life, counted from its first record after the hello (a K once the
-    # payload is unpacked, or output): before that, a large payload's hashing and extraction may
-    # take long and send nothing; the watchdog covers that phase
+    # the runner's last sign of life, counted once the payload is sent (the runner sends K records
+    # from then on, through the payload's extraction, the script and its clean-up)
     heard: float | None = None
     beat_at = 0.0  # when our next heartbeat byte is due
     looped = time.monotonic()
@@ -244,8 +243,6 @@ def _drive(
                         raise _Abort("python-too-old", f"python3 >= 3.8 required, found {ev.detail}; install a newer python3")
                     raise _Abort("protocol", f"unexpected bootstrap marker {ev.marker}")
                 assert isinstance(ev, Record)
-                if ev.kind != "H":
-                    heard = time.monotonic()
                 if ev.kind == "H":
                     run.hello = ev.json
                     t_hello = time.monotonic()
@@ -278,9 +275,12 @@ def _drive(
             )
         now = time.monotonic()
         if heartbeat is not None and t_hello is not None and run.result is None:
-            if heard is not None and now - looped > 1.0:
+            if heard is None:
+                if not pending:
+                    heard = now  # the payload is sent: from now on the runner must show it is alive
+            elif now - looped > 1.0:
                 heard += now - looped  # this thread was starved (a loaded controller): not the runner's silence
-            elif heard is not None and now - heard > heartbeat.timeout:
+            elif now - heard > heartbeat.timeout:
                 run.runner_stderr = bytes(stderr)
                 raise _Abort("unresponsive", f"no sign of life from the runner for {now - heard:.0f} s "
                              f"(heartbeat timeout {heartbeat.timeout:g} s): host frozen or network cut")
