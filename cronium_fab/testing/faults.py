@@ -337,12 +337,15 @@ def fault_never_ends(cell: Cell) -> Plan:
 def fault_helper_flood(cell: Cell) -> Plan:
     """200 helper calls at once (in API mode: 200 concurrent requests to the helper API)."""
     m = _script_marker()
-    script = f'for i in $(seq 200); do cronium.setVariable "v$i" "$i" & done; wait; echo {m}'
+    # names of this trial's own: a host reports the variables it CHANGED, and an earlier trial of
+    # the cell already stored the same values under fixed names
+    v = f"v{secrets.token_hex(4)}_"
+    script = f'for i in $(seq 200); do cronium.setVariable "{v}$i" "$i" & done; wait; echo {m}'
 
     def all_set(host: dict[str, Any]) -> str | None:
         got = host.get("variables") or {}
-        lost = [i for i in range(1, 201) if got.get(f"v{i}") != i]
-        return f"{len(lost)} of 200 variables lost (v{lost[0]}...)" if lost else None
+        lost = [i for i in range(1, 201) if got.get(f"{v}{i}") != i]
+        return f"{len(lost)} of 200 variables lost ({v}{lost[0]}...)" if lost else None
 
     return _script_fault(cell, script, 120, {"success"}, (m,), m, check=all_set)
 
