@@ -27,9 +27,11 @@ venv under the bench's temp dir, never into the project's venv (``--peers-venv D
 The hosts and the temp dir are removed on exit, on Ctrl-C and on SIGTERM.
 
 Also printed: the controller's CPU (user+sys of the tool's process tree, from ``wait4``; via the
-worker: the client plus the worker's reaped fork) per host, its peak RSS, and the runner's CPU per
-run on a target against a bare ``python3 -I -S -c pass`` (``--runner-cpu N`` iterations, 0 to skip;
-``--runner-cpu-only`` for just that, no hosts and no peers).
+worker: the client plus the worker's reaped fork) per host, its peak RSS; the hosts' CPU per host
+(every sshd listener and all it reaped: sessions, shells, the runner, the script; read from
+/proc/PID/stat before and after each run) and the machine's total per host; and the runner's CPU per
+run on a target against a bare ``python3 -I -S -c pass`` and against the work alone as a shell runs
+it (``--runner-cpu N`` iterations, 0 to skip; ``--runner-cpu-only`` for just that, no hosts and no peers).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Sample:
     wall: float
     cpu: float        # seconds of user+sys of the controller (its whole reaped process tree)
     rss_kb: int       # peak RSS of the largest process of that tree (0: not known)
+    host_cpu: float = 0.0   # seconds of user+sys on the hosts: every sshd listener and all it reaped
 
 
 # A small wrapper times the tool: wait4 gives a child's CPU and peak RSS, but a child forked from
@@ -94,11 +97,13 @@ sys.exit(os.waitstatus_to_exitcode(st) & 255)
 
 
 def run_measured(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
-                 extra_cpu: Callable[[], float] | None = None) -> Sample:
-    """Run ``argv`` to the end under the wrapper: wall, CPU and peak RSS of its tree (failures raise)."""
+                 extra_cpu: Callable[[], float] | None = None, host_cpu: Callable[[], float] | None = None) -> Sample:
+    """Run ``argv`` to the end under the wrapper: wall, CPU and peak RSS of its tree (failures raise);
+    ``host_cpu()`` (read before and after) gives the CPU the hosts spent on it."""
     fd, report = tempfile.mkstemp(prefix="cfab-measure-")
     os.close(fd)
     try:
+        hosts_before = host_cpu() if host_cpu else 0.0
         before = extra_cpu() if extra_cpu else 0.0
         proc = subprocess.run([SYSTEM_PYTHON, "-I", "-S", "-c", MEASURE, report, *argv], env=env, cwd=cwd,
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -109,12 +114,14 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None, cwd: Path |
     finally:
         os.unlink(report)
     extra = (extra_cpu() - before) if extra_cpu else 0.0
-    return Sample(float(wall), float(cpu) + extra, int(rss))
+    on_hosts = (host_cpu() - hosts_before) if host_cpu else 0.0
+    return Sample(float(wall), float(cpu) + extra, int(rss), on_hosts)
 
 
-def children_cpu(pid: int) -> float:
-    """CPU seconds of the reaped children of ``pid`` (cutime + cstime in /proc/PID/stat), once the
-    children it has (the worker's forks: it reaps them a moment after they answered) are reaped."""
+def children_cpu(pid: int, own: bool = False) -> float:
+    """CPU seconds of the reaped children of ``pid`` (cutime + cstime in /proc/PID/stat; with ``own``
+    its own utime + stime too), once the children it has (the worker's forks: it reaps them a moment
+    after they answered; an sshd listener its sessions, which reap their shells) are reaped."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
@@ -126,7 +133,14 @@ def children_cpu(pid: int) -> float:
         time.sleep(0.005)
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[13]) + int(fields[14]) + ((int(fields[11]) + int(fields[12])) if own else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def hosts_cpu(hosts: list[DevHost]) -> float:
+    """CPU seconds spent on ``hosts`` so far: each sshd listener, the sessions it forked and reaped,
+    and what they ran (shells, the runner, the script): everything a real host would spend."""
+    return sum(children_cpu(h.pid, own=True) for h in hosts if h.pid)
 
 
 # --- the peers' scratch venv -----------------------------------------------------------------
@@ -278,7 +292,7 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 # --- the runner's CPU on a target ------------------------------------------------------------
-def runner_cpu(work: Path, runners: list[tuple[str, Path, str, Callable[[str], str]]],
+def runner_cpu(work: Path, runners: list[tuple[str, Path, str, Callable[..., str]]],
                n: int) -> list[tuple[str, float, float]]:
     """CPU and wall ms per run (medians): bare interpreters vs the bootstrap + runner as over SSH, for
     each ``(label, runner pyz, sha256, bootstrap command of that sha)``; every runner has its own
@@ -311,6 +325,8 @@ def runner_cpu(work: Path, runners: list[tuple[str, Path, str, Callable[[str], s
     ways: dict[str, tuple[list[str], bytes | None, dict[str, str]]] = {
         "python3 -I -S -c pass (bare)": ([SYSTEM_PYTHON, "-I", "-S", "-c", "pass"], None, bare_env),
         "python3 -c pass": ([SYSTEM_PYTHON, "-c", "pass"], None, bare_env),
+        "sh -c true (the BASH work, as Fabric runs it)": (["sh", "-c", "true"], None, bare_env),
+        "sh -c 'python3 -c pass' (the PYTHON work, as Fabric runs it)": (["sh", "-c", "python3 -c pass"], None, bare_env),
     }
     for label, _, sha, bootstrap_command in runners:
         boot = ["sh", "-c", bootstrap_command(sha)]
@@ -348,10 +364,15 @@ def print_runner_cpu(rows: list[tuple[str, float, float]], n: int) -> None:
     bare = rows[0][1]
     print(f"\n## Runner on a target: CPU per run (bootstrap + runner, as over SSH; {SYSTEM_PYTHON}; "
           f"median of {n})\n")
-    print("| way | CPU ms | above bare | wall ms |")
-    print("|---|---|---|---|")
+    # what the runner adds to the work itself (Fabric pays the work too, through the login shell)
+    work = {"BASH": next(c for k, c, _ in rows if k.startswith("sh -c true")),
+            "PYTHON": next(c for k, c, _ in rows if k.startswith("sh -c 'python3"))}
+    print("| way | CPU ms | above bare | above the work alone | wall ms |")
+    print("|---|---|---|---|---|")
     for k, cpu, wall in rows:
-        print(f"| {k} | {cpu:.1f} | {cpu - bare:+.1f} | {wall:.1f} |")
+        kind = "BASH" if "BASH event" in k else "PYTHON" if "PYTHON event" in k else None
+        above_work = f"{cpu - work[kind]:+.1f}" if kind else ""
+        print(f"| {k} | {cpu:.1f} | {cpu - bare:+.1f} | {above_work} | {wall:.1f} |")
     sys.stdout.flush()
 
 
@@ -365,7 +386,7 @@ def _stop_on_signals() -> None:
 
 def median_sample(samples: list[Sample]) -> Sample:
     return Sample(statistics.median(s.wall for s in samples), statistics.median(s.cpu for s in samples),
-                  int(statistics.median(s.rss_kb for s in samples)))
+                  int(statistics.median(s.rss_kb for s in samples)), statistics.median(s.host_cpu for s in samples))
 
 
 def main() -> None:
@@ -439,6 +460,9 @@ def main() -> None:
             if worker is None and "worker" in tools:
                 worker = start_worker(ours.env, tmp / "worker.log")
             runs: dict[tuple[str, str], Callable[[], Sample]] = {}
+
+            def hc(hosts: list[DevHost] = hosts) -> float:
+                return hosts_cpu(hosts)
             for w in works:
                 cmd = WORKS[w][0]
                 lst = sub / f"ssh-{w}.txt"
@@ -448,19 +472,20 @@ def main() -> None:
                 ainv, aenv = write_ansible(sub / "ansible", hosts, known)
                 ev = ours.events[w]
                 runs[("ssh", w)] = lambda lst=lst, n=n: run_measured(  # type: ignore[misc]
-                    ["sh", "-c", f"xargs -P {n} -L 1 ssh {' '.join(ssh_options(known))} < {lst}"])
+                    ["sh", "-c", f"xargs -P {n} -L 1 ssh {' '.join(ssh_options(known))} < {lst}"], host_cpu=hc)
                 runs[("fabric", w)] = lambda cmd=cmd, hosts=hosts: run_measured(  # type: ignore[misc]
-                    [vpy, "-c", FABRIC_PROGRAM, cmd, *fabric_specs(hosts)])
+                    [vpy, "-c", FABRIC_PROGRAM, cmd, *fabric_specs(hosts)], host_cpu=hc)
                 runs[("pyinfra", w)] = lambda cmd=cmd, inv=inv, sub=sub: run_measured(  # type: ignore[misc]
-                    [str(venv / "bin" / "pyinfra"), str(inv), "exec", "-y", "--", *cmd.split()], cwd=sub)
+                    [str(venv / "bin" / "pyinfra"), str(inv), "exec", "-y", "--", *cmd.split()], cwd=sub, host_cpu=hc)
                 runs[("ansible", w)] = lambda cmd=cmd, ainv=ainv, aenv=aenv, sub=sub: run_measured(  # type: ignore[misc]
-                    [str(venv / "bin" / "ansible"), "all", "-i", str(ainv), "-m", "raw", "-a", cmd], env=aenv, cwd=sub)
+                    [str(venv / "bin" / "ansible"), "all", "-i", str(ainv), "-m", "raw", "-a", cmd], env=aenv, cwd=sub,
+                    host_cpu=hc)
                 argv = [cli, "run-event", "--id", str(ev), "--quiet"]
                 runs[("cli", w)] = lambda argv=argv, env=ours.env: run_measured(  # type: ignore[misc]
-                    argv, env=dict(env, CRONIUM_FAB_WORKER="off"))
+                    argv, env=dict(env, CRONIUM_FAB_WORKER="off"), host_cpu=hc)
                 wpid = worker.pid if worker else 0
                 runs[("worker", w)] = lambda argv=argv, env=ours.env, wpid=wpid: run_measured(  # type: ignore[misc]
-                    argv, env=env, extra_cpu=lambda: children_cpu(wpid))
+                    argv, env=env, extra_cpu=lambda: children_cpu(wpid), host_cpu=hc)
                 # warm: installs the runner on every host (and checks each tool works once)
                 run_measured(argv, env=dict(ours.env, CRONIUM_FAB_WORKER="off"))
             for t in tools:
@@ -530,6 +555,19 @@ def print_tables(results: dict[tuple[int, str, str], Sample], sizes: list[int], 
                 cells.append(cell)
             print(f"| {n} | {w} | " + " | ".join(cells) + " | "
                   + " | ".join(f"{r[t].rss_kb / 1024:.0f}" for t in rss_cols) + " |")
+    print("\n## Hosts: CPU ms per host (user+sys of every sshd listener and all it reaped: the sessions, the")
+    print("shells, what they ran) and the whole machine's CPU per host (controller + hosts), whose sum over the")
+    print("hosts divided by the cores bounds the wall time on this machine\n")
+    print("| hosts | work | " + " | ".join(f"{HEADINGS[t]} hosts" for t in cols) + " | "
+          + " | ".join(f"{HEADINGS[t]} total" for t in cols) + " |")
+    print("|" + "---|" * (2 + 2 * len(cols)))
+    for n in sizes:
+        for w in works:
+            if (n, w, cols[0]) not in results:
+                continue
+            r = {t: results[(n, w, t)] for t in cols}
+            print(f"| {n} | {w} | " + " | ".join(f"{r[t].host_cpu * 1000 / n:.1f}" for t in cols) + " | "
+                  + " | ".join(f"{(r[t].cpu + r[t].host_cpu) * 1000 / n:.1f}" for t in cols) + " |")
     sys.stdout.flush()
 
 
