@@ -83,7 +83,7 @@ from .results import (
     failure_reason,
     summary_table,
 )
-from .settings import HELPER_MODES, Settings
+from .settings import HELPER_MODES, KILL_GRACE, Settings
 from .signals import catch_stop_signals, restore_signals
 from .signing import load_public_key, verify_file
 
@@ -92,7 +92,6 @@ log = logging.getLogger(__name__)
 DEFAULT_OUTPUT_CAP = 4 * 1024 * 1024
 CAP_SLACK = 4096   # the runner's "[cronium-runner: N bytes of stdout dropped by output_cap]" lines
 FULL_OUTPUT_CAP = 1 << 40  # the runner's cap with --output-dir: in effect none
-KILL_GRACE = 5.0
 
 
 @dataclass

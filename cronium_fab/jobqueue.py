@@ -38,11 +38,11 @@ from .db.models import Event, Execution, Job, Log, utcnow
 from .db.queries import SCRIPT_TYPES, event_timeout_seconds
 from .errors import ConfigError
 from .records import QueueClaim, holds_lease, job_lease, merge_metadata, new_job_id, note_attempt
+from .settings import KILL_GRACE
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "cronium_fab_jobs"     # NOTIFY channel of `enqueue` (Cronium's app does not notify: we also poll)
-KILL_GRACE = 5.0                  # the runner's SIGTERM -> SIGKILL grace (execute.KILL_GRACE)
 
 
 def _requeue_margin() -> float:

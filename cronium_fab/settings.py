@@ -16,6 +16,11 @@ from .errors import ConfigError
 
 HOST_KEY_POLICIES = ("strict", "accept-new")
 HELPER_MODES = ("auto", "api", "bundled")
+# Liveness between controller and runner (PROTOCOL.md §2 ``heartbeat``), both ways: a sign of life
+# every HEARTBEAT_INTERVAL seconds; a side silent for HEARTBEAT_TIMEOUT is gone.
+HEARTBEAT_INTERVAL = 2.0
+HEARTBEAT_TIMEOUT = 10.0
+KILL_GRACE = 5.0   # the runner's SIGTERM -> SIGKILL grace for a script's tree (header ``kill_grace``)
 
 
 def default_data_dir() -> Path:
@@ -70,8 +75,8 @@ class Settings:
     watchdog_margin: float = 30.0
     # liveness between controller and runner (both ways): a sign of life every interval; a side
     # silent for the timeout is gone (the runner stops its script, we end the host unresponsive)
-    heartbeat_interval: float = 2.0
-    heartbeat_timeout: float = 10.0
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     api_secret: str | None = field(default=None, repr=False)  # HS256 secret for API-mode tokens
 
     @property
@@ -95,8 +100,8 @@ class Settings:
             connect_retry_delay=_env_float("CRONIUM_FAB_CONNECT_RETRY_DELAY", 1.0),
             setup_timeout=_env_float("CRONIUM_FAB_SETUP_TIMEOUT", 60.0),
             watchdog_margin=_env_float("CRONIUM_FAB_WATCHDOG_MARGIN", 30.0),
-            heartbeat_interval=_env_float("CRONIUM_FAB_HEARTBEAT", 2.0),
-            heartbeat_timeout=_env_float("CRONIUM_FAB_HEARTBEAT_TIMEOUT", 10.0),
+            heartbeat_interval=_env_float("CRONIUM_FAB_HEARTBEAT", HEARTBEAT_INTERVAL),
+            heartbeat_timeout=_env_float("CRONIUM_FAB_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT),
             api_secret=os.environ.get("CRONIUM_FAB_API_SECRET") or None,
         )
         s.validate()

@@ -28,6 +28,7 @@ import fabric
 import paramiko
 
 from ..build import RunnerArtifact
+from ..settings import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT
 from .protocol import (
     HEARTBEAT,
     NO_PYTHON,
@@ -84,8 +85,8 @@ class Heartbeat:
     """Liveness in both directions (PROTOCOL.md §2 ``heartbeat``): a sign of life every
     ``interval`` seconds; a side silent for ``timeout`` seconds is taken for gone."""
 
-    interval: float = 2.0
-    timeout: float = 10.0
+    interval: float = HEARTBEAT_INTERVAL
+    timeout: float = HEARTBEAT_TIMEOUT
 
     def header(self) -> dict[str, float]:
         return {"interval": self.interval, "timeout": self.timeout}
