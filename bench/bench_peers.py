@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -519,6 +519,15 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _rows(results: dict[tuple[int, str, str], Sample], sizes: list[int], works: list[str],
+          cols: list[str]) -> Iterator[tuple[int, str, dict[str, Sample]]]:
+    """``(hosts, work, {tool: sample})`` of every measured row, in table order."""
+    for n in sizes:
+        for w in works:
+            if (n, w, cols[0]) in results:
+                yield n, w, {t: results[(n, w, t)] for t in cols}
+
+
 def print_tables(results: dict[tuple[int, str, str], Sample], sizes: list[int], works: list[str],
                  tools: list[str]) -> None:
     cols = [t for t in TOOLS if t in tools]
@@ -527,13 +536,9 @@ def print_tables(results: dict[tuple[int, str, str], Sample], sizes: list[int], 
     print("| hosts | work | " + " | ".join(HEADINGS[t] for t in cols) + " | "
           + " | ".join(f"{'CLI' if a == 'cli' else 'worker'} / {b}" for a, b in ratios) + " |")
     print("|" + "---|" * (2 + len(cols) + len(ratios)))
-    for n in sizes:
-        for w in works:
-            if (n, w, cols[0]) not in results:
-                continue
-            r = {t: results[(n, w, t)] for t in cols}
-            print(f"| {n} | {WORK_LABEL[w]} | " + " | ".join(f"{r[t].wall:.3f}" for t in cols) + " | "
-                  + " | ".join(f"{r[a].wall / r[b].wall:.2f}×" for a, b in ratios) + " |")
+    for n, w, r in _rows(results, sizes, works, cols):
+        print(f"| {n} | {WORK_LABEL[w]} | " + " | ".join(f"{r[t].wall:.3f}" for t in cols) + " | "
+              + " | ".join(f"{r[a].wall / r[b].wall:.2f}×" for a, b in ratios) + " |")
     print("\n## Controller: CPU ms per host (user+sys of the tool's process tree / hosts; in brackets the")
     print("marginal cost of one more host against the smallest count) and peak RSS MB (the largest single")
     print("process of the tree; the worker's fork is not measured for RSS)\n")
@@ -541,33 +546,25 @@ def print_tables(results: dict[tuple[int, str, str], Sample], sizes: list[int], 
     print("| hosts | work | " + " | ".join(f"{HEADINGS[t]} CPU" for t in cols) + " | "
           + " | ".join(f"{HEADINGS[t]} RSS" for t in rss_cols) + " |")
     print("|" + "---|" * (2 + len(cols) + len(rss_cols)))
-    for n in sizes:
-        for w in works:
-            if (n, w, cols[0]) not in results:
-                continue
-            r = {t: results[(n, w, t)] for t in cols}
-            n0 = sizes[0]
-            cells = []
-            for t in cols:
-                cell = f"{r[t].cpu * 1000 / n:.1f}"
-                if n > n0 and (n0, w, t) in results:
-                    cell += f" [{(r[t].cpu - results[(n0, w, t)].cpu) * 1000 / (n - n0):.1f}]"
-                cells.append(cell)
-            print(f"| {n} | {w} | " + " | ".join(cells) + " | "
-                  + " | ".join(f"{r[t].rss_kb / 1024:.0f}" for t in rss_cols) + " |")
+    for n, w, r in _rows(results, sizes, works, cols):
+        n0 = sizes[0]
+        cells = []
+        for t in cols:
+            cell = f"{r[t].cpu * 1000 / n:.1f}"
+            if n > n0 and (n0, w, t) in results:
+                cell += f" [{(r[t].cpu - results[(n0, w, t)].cpu) * 1000 / (n - n0):.1f}]"
+            cells.append(cell)
+        print(f"| {n} | {w} | " + " | ".join(cells) + " | "
+              + " | ".join(f"{r[t].rss_kb / 1024:.0f}" for t in rss_cols) + " |")
     print("\n## Hosts: CPU ms per host (user+sys of every sshd listener and all it reaped: the sessions, the")
     print("shells, what they ran) and the whole machine's CPU per host (controller + hosts), whose sum over the")
     print("hosts divided by the cores bounds the wall time on this machine\n")
     print("| hosts | work | " + " | ".join(f"{HEADINGS[t]} hosts" for t in cols) + " | "
           + " | ".join(f"{HEADINGS[t]} total" for t in cols) + " |")
     print("|" + "---|" * (2 + 2 * len(cols)))
-    for n in sizes:
-        for w in works:
-            if (n, w, cols[0]) not in results:
-                continue
-            r = {t: results[(n, w, t)] for t in cols}
-            print(f"| {n} | {w} | " + " | ".join(f"{r[t].host_cpu * 1000 / n:.1f}" for t in cols) + " | "
-                  + " | ".join(f"{(r[t].cpu + r[t].host_cpu) * 1000 / n:.1f}" for t in cols) + " |")
+    for n, w, r in _rows(results, sizes, works, cols):
+        print(f"| {n} | {w} | " + " | ".join(f"{r[t].host_cpu * 1000 / n:.1f}" for t in cols) + " | "
+              + " | ".join(f"{(r[t].cpu + r[t].host_cpu) * 1000 / n:.1f}" for t in cols) + " |")
     sys.stdout.flush()
 
 
