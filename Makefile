@@ -41,8 +41,11 @@ demo: venv sshd dist/cronium-runner.pyz.sig
 demo-stop: venv
 	$(BIN)/python -m cronium_fab.testing.demo --stop
 
+# Two pytest workers (pytest-xdist): most tests wait on sshd hosts, runners and timers, not on the CPU;
+# each worker has its own hosts, PostgreSQL schemas and ports. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: venv sshd
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: venv
 	$(BIN)/ruff check .

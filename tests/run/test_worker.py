@@ -298,9 +298,14 @@ def test_broken_stdout_is_an_error_as_in_process(fleet: Fleet, worker: RunningWo
 
 def test_worker_log_names_the_command_never_its_arguments(fleet: Fleet, worker: RunningWorker, tmp_path: Path) -> None:
     secret = "s3cr3t-token-in-input"
-    out = worker.client("run-event", "--id", "424242", "--input", json.dumps({"token": secret}), cwd=tmp_path)
+    for _ in range(3):   # a loaded machine may keep the worker's fork from answering within 2 s: then
+        out = worker.client("run-event", "--id", "424242", "--input", json.dumps({"token": secret}),
+                            cwd=tmp_path)   # the client runs it itself, and the worker logs nothing of it
+        if "running the command in this process" not in out.stderr:
+            break
     assert out.returncode == 2
-    wait_until(lambda: "ended" in worker.log_text(), 5)
+    assert "running the command in this process" not in out.stderr, out.stderr
+    wait_until(lambda: "ended: exit 2" in worker.log_text(), 5)
     log = worker.log_text()
     assert "run-event" in log and "ended: exit 2" in log
     assert secret not in log and "424242" not in log
