@@ -17,7 +17,8 @@ from cronium_fab.testing.procs import procs_with, wait_until
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
-pytestmark = pytest.mark.ssh
+# With test_worker.py on one xdist worker: it starts a `cronium-fab worker` (see there).
+pytestmark = [pytest.mark.ssh, pytest.mark.xdist_group("cronium-fab-worker")]
 
 
 def test_demo_runs_keeps_to_its_own_database_and_leaves_a_usable_environment(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,10 @@ from cronium_fab.db.models import Execution, UserVariable
 from cronium_fab.testing.procs import procs_with, wait_until
 from tests.run.conftest import ROOT, Fleet, assert_ctrl_c_cancels, start_long_run, wait_gone
 
-pytestmark = pytest.mark.ssh
+# One xdist worker runs every test that starts a `cronium-fab worker` (here and test_demo.py), one after
+# another: the upgrade test changes the code on disk (a file in site-packages), which makes every
+# running worker refuse its clients ("runs other code") while it lasts.
+pytestmark = [pytest.mark.ssh, pytest.mark.xdist_group("cronium-fab-worker")]
 CLIENT = str(Path(sys.executable).parent / "cronium-fab")
 
 
@@ -91,7 +95,8 @@ def test_worker_serves_run_event_with_same_output_exit_status_and_records(
     by_name = {h["name"]: h for h in doc["hosts"]}
     assert by_name[ok_host.name]["exit_code"] == 0 and by_name[bad_host.name]["exit_code"] == 3
     assert by_name[bad_host.name]["stdout"] == "out\n" and by_name[bad_host.name]["stderr"] == "err\n"
-    assert f"{ok_host.name} | out" in out.stderr and "HOST" in out.stderr   # live output + summary on stderr
+    # live output (names padded to the longest) + summary on stderr
+    assert re.search(rf"^{re.escape(ok_host.name)} *\| out$", out.stderr, re.M) and "HOST" in out.stderr, out.stderr
     served = worker.served()
     assert len(served) == 1 and "run-event" in served[0], worker.log_text()
     with fleet.db.session() as s:
@@ -229,8 +234,9 @@ def test_second_worker_on_same_socket_is_refused_clearly(fleet: Fleet, worker: R
     assert "another cronium-fab worker already serves" in out.stderr
     assert f"(pid {worker.proc.pid})" in out.stderr
     assert worker.socket.exists()
-    assert worker.client("--version", cwd=tmp_path).returncode == 0
-    assert len(worker.served()) == 1, "the first worker still serves"
+    version = worker.client("--version", cwd=tmp_path)
+    assert version.returncode == 0
+    assert len(worker.served()) == 1, f"the first worker still serves: {version.stderr!r} {worker.log_text()!r}"
 
 
 def test_dead_worker_socket_falls_back_then_is_replaced(fleet: Fleet, tmp_path: Path) -> None:
