@@ -221,12 +221,14 @@ def _drive(
             progressed = True
         while chan.recv_stderr_ready():
             data = chan.recv_stderr(65536)
-            heard = heard and time.monotonic()
+            if heard is not None:   # counting (the payload is sent): any byte is a sign of life
+                heard = time.monotonic()
             if len(stderr) < _STDERR_CAP:
                 stderr += data[: _STDERR_CAP - len(stderr)]
         if chan.recv_ready():
             data = chan.recv(65536)
-            heard = heard and time.monotonic()
+            if heard is not None:
+                heard = time.monotonic()
             progressed = True
             try:
                 events = decoder.feed(data)
