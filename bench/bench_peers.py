@@ -65,6 +65,9 @@ WORKS = {  # work -> (shell command for the peers, cronium-fab event type, event
     "python": ("python3 -c pass", "PYTHON", "pass"),
     "true": ("true", "BASH", "true"),
 }
+# The work alone, as Fabric runs it through a shell: what the runner's rows are compared with.
+WORK_ALONE = {"BASH": ("sh -c true (the BASH work, as Fabric runs it)", ["sh", "-c", "true"]),
+              "PYTHON": ("sh -c 'python3 -c pass' (the PYTHON work, as Fabric runs it)", ["sh", "-c", "python3 -c pass"])}
 WORK_LABEL = {"python": "`python3 -c pass` / PYTHON event `pass`", "true": "`true` / BASH event `true`"}
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or "python3"
 
@@ -325,8 +328,7 @@ def runner_cpu(work: Path, runners: list[tuple[str, Path, str, Callable[..., str
     ways: dict[str, tuple[list[str], bytes | None, dict[str, str]]] = {
         "python3 -I -S -c pass (bare)": ([SYSTEM_PYTHON, "-I", "-S", "-c", "pass"], None, bare_env),
         "python3 -c pass": ([SYSTEM_PYTHON, "-c", "pass"], None, bare_env),
-        "sh -c true (the BASH work, as Fabric runs it)": (["sh", "-c", "true"], None, bare_env),
-        "sh -c 'python3 -c pass' (the PYTHON work, as Fabric runs it)": (["sh", "-c", "python3 -c pass"], None, bare_env),
+        **{label: (argv, None, bare_env) for label, argv in WORK_ALONE.values()},
     }
     for label, _, sha, bootstrap_command in runners:
         boot = ["sh", "-c", bootstrap_command(sha)]
@@ -365,8 +367,8 @@ def print_runner_cpu(rows: list[tuple[str, float, float]], n: int) -> None:
     print(f"\n## Runner on a target: CPU per run (bootstrap + runner, as over SSH; {SYSTEM_PYTHON}; "
           f"median of {n})\n")
     # what the runner adds to the work itself (Fabric pays the work too, through the login shell)
-    work = {"BASH": next(c for k, c, _ in rows if k.startswith("sh -c true")),
-            "PYTHON": next(c for k, c, _ in rows if k.startswith("sh -c 'python3"))}
+    cpu_of = {k: cpu for k, cpu, _ in rows}
+    work = {kind: cpu_of[label] for kind, (label, _) in WORK_ALONE.items()}
     print("| way | CPU ms | above bare | above the work alone | wall ms |")
     print("|---|---|---|---|---|")
     for k, cpu, wall in rows:
