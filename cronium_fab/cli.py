@@ -561,11 +561,13 @@ def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
         "poll": "seconds between looks for jobs Cronium's app wrote (default 1; enqueue wakes workers at once)",
         "drain_timeout": "on SIGTERM, seconds to let running jobs finish before cancelling them (default 60)",
         "parallel": "connections at once over all jobs (default 32, env CRONIUM_FAB_PARALLEL)",
+        "keep_connections": "seconds a host's SSH connection stays open after a clean run, for the next run "
+                            "on it (default 120, env CRONIUM_FAB_KEEP_CONNECTIONS; 0: a new one every run)",
     },
 )
 @user_errors
 def serve(c: Any, jobs: int = 1, worker_id: str | None = None, lease: str | None = None, poll: str | None = None,
-          drain_timeout: str | None = None, parallel: int = 0) -> None:
+          drain_timeout: str | None = None, parallel: int = 0, keep_connections: str | None = None) -> None:
     """Work Cronium's job queue: claim due SSH jobs and run them (several workers share PostgreSQL)."""
     from .jobqueue import QueueSettings, default_worker_id
     from .serve import serve as serve_jobs
@@ -573,6 +575,9 @@ def serve(c: Any, jobs: int = 1, worker_id: str | None = None, lease: str | None
     settings = _settings()
     if parallel:
         settings = settings.with_(parallel=int(parallel))
+    if keep_connections is not None:
+        keep = _seconds("--keep-connections", keep_connections) if keep_connections.strip() not in ("0", "0.0") else 0.0
+        settings = settings.with_(keep_connections=keep)
     if int(jobs) < 1:
         raise Exit("cronium-fab: error: --jobs must be at least 1", code=EXIT_USAGE)
     qs = QueueSettings(worker_id=worker_id or default_worker_id(), lease_s=_seconds("--lease", lease) or 30.0,

@@ -69,6 +69,7 @@ from .records import (
 )
 from .remote.connection import HostTarget, SSHSettings, connect, destination_problem, parse_destination
 from .remote.errors import DEAD_PEER, NO_RUNNER, RemoteError
+from .remote.pool import ConnectionPool, pool_key
 from .remote.protocol import PROTOCOL
 from .remote.runner_cache import runner_file_name
 from .remote.session import Heartbeat, HostRun, probe_host, run_on_host
@@ -465,11 +466,13 @@ def rerun_request(db: Database, log_id: int, **fields: Any) -> RunRequest:
 def run_event(settings: Settings, request: RunRequest, *, out: IO[str] | None = sys.stderr,
               cancel: threading.Event | Cancel | None = None,
               on_host_done: Callable[[HostResult], None] | None = None, live_status: bool = False,
-              connection_slots: threading.Semaphore | None = None) -> RunResult:
+              connection_slots: threading.Semaphore | None = None,
+              connections: ConnectionPool | None = None) -> RunResult:
     """Run one event on all its hosts and record everything. Raises CroniumFabError for bad input
     (before any row is written); host failures are results, not exceptions. ``cancel`` stops the
     run (a ``Cancel`` says why); ``live_status``: ``out`` is a terminal, keep a status line at its
-    bottom (``output.TerminalView``); ``connection_slots`` bounds the hosts of several runs at once."""
+    bottom (``output.TerminalView``); ``connection_slots`` bounds the hosts of several runs at once;
+    ``connections``: keep each host's connection after a clean run, for the next (``serve``)."""
     t0 = time.monotonic()
     stop = cancel if isinstance(cancel, Cancel) else Cancel(cancel)
     # SIGTERM/SIGINT become "cancel" for the whole run, so a signal never kills us mid-write
@@ -490,7 +493,7 @@ def run_event(settings: Settings, request: RunRequest, *, out: IO[str] | None = 
             names = [t.name for t in plan.targets]
             printer = TerminalView(out, names) if live_status and out is not None else LivePrinter(out, names)
             run = EventRun(plan, db, recorder, ctx, printer=printer, cancel=stop, on_host_done=on_host_done,
-                           connection_slots=connection_slots)
+                           connection_slots=connection_slots, connections=connections)
             return run.run(t0)
         finally:
             db.dispose()
@@ -501,10 +504,11 @@ class EventRun:
 
     def __init__(self, plan: RunPlan, db: Database, recorder: RunRecorder, ctx: JobContext, *,
                  printer: LivePrinter, cancel: Cancel, on_host_done: Callable[[HostResult], None] | None,
-                 connection_slots: threading.Semaphore | None = None) -> None:
-        self.connection_slots = connection_slots
+                 connection_slots: threading.Semaphore | None = None,
+                 connections: ConnectionPool | None = None) -> None:
         self.plan = plan
         self.connection_slots = connection_slots
+        self.connections = connections
         self.db = db
         self.recorder = recorder
         self.ctx = ctx
@@ -680,9 +684,18 @@ class EventRun:
         connected: datetime | None = None
         run: HostRun | None = None
         deployment: Deployment | None = None
+        pool, key = self.connections, ""
         try:
-            conn, res.connect_attempts = connect(target.host, self.plan.ssh, retries=self.plan.control.connect_retries,
-                                                 cancel=self.cancel.event)
+            conn = None
+            if pool is not None:
+                key = pool_key(target.host, self.plan.ssh)
+                conn = pool.take(key, self.plan.ssh)
+                res.connection_reused = conn is not None
+            if conn is None:
+                conn, res.connect_attempts = connect(target.host, self.plan.ssh,
+                                                     retries=self.plan.control.connect_retries, cancel=self.cancel.event)
+                if pool is not None:
+                    pool.opened(conn)
         except RemoteError as exc:
             res.status, res.connect_attempts = "unreachable", exc.attempts
             res.error, res.error_kind = str(exc), exc.kind
@@ -708,7 +721,12 @@ class EventRun:
                         if self.api is not None and res.helper_mode == "api":
                             _merge_api_state(res, self.api.unregister(res.execution_id))
             finally:
-                conn.close()
+                if pool is None:
+                    conn.close()
+                elif run is not None and run.result is not None and run.error_kind is None and not self.cancel.is_set():
+                    pool.give(key, conn)     # a clean run: the next run on this host starts on it
+                else:
+                    pool.discard(conn)
             if run is not None and target.server_id is not None and run.error_kind not in NO_RUNNER:
                 deployment = Deployment(
                     server_id=target.server_id, runner_version=__version__,
@@ -754,6 +772,8 @@ class EventRun:
         finally:
             with _closes_on_hang(conn, 10.0):
                 fwd.close()
+            if not fwd.cancelled:
+                conn.close()   # the server may still listen for this run: the connection serves no other
             if res.helper_mode == "api":
                 api.unregister(res.execution_id)
 

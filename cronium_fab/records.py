@@ -380,6 +380,7 @@ class RunRecorder:
             "helper_mode_note": res.helper_mode_note, "output": res.output, "condition": res.condition,
             "variables": res.variables, "signal": res.signal, "error_kind": res.error_kind,
             "host_status": res.status, "batch": res.batch, "connect_attempts": res.connect_attempts,
+            "connection_reused": res.connection_reused,
         }
         variables = res.variables
         # Core statements on the session's connection: the ORM's get/flush cost ~2 ms of CPU per host

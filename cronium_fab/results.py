@@ -48,7 +48,8 @@ class HostResult:
     error: str | None = None
     error_kind: str | None = None  # remote.errors.ErrorKind, or a kind the runner reported
     batch: int = 1  # which batch the host belongs to (1-based)
-    connect_attempts: int = 0  # 0: never tried (skipped, cancelled before start)
+    connect_attempts: int = 0  # 0: never tried (skipped, cancelled before start), or a kept connection
+    connection_reused: bool = False  # ran on a connection kept from an earlier run (serve)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,7 @@ class HostResult:
             "helper_mode_note": self.helper_mode_note, "runner_cached": self.runner_cached,
             "duration_ms": self.duration_ms, "error": self.error, "error_kind": self.error_kind,
             "batch": self.batch, "connect_attempts": self.connect_attempts,
+            "connection_reused": self.connection_reused,
         }
 
 

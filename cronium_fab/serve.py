@@ -33,6 +33,7 @@ from .jobqueue import (
     wakeups,
 )
 from .records import holds_lease, recover_lost_runs
+from .remote.pool import ConnectionPool
 from .results import RunResult
 from .settings import Settings
 
@@ -46,6 +47,9 @@ class Worker:
         self.db = Database(settings.database_url)
         self.stopping = threading.Event()
         self.slots = threading.BoundedSemaphore(settings.parallel)
+        # every job of this process shares the hosts' kept connections (remote/pool.py)
+        self.connections = (ConnectionPool(idle_s=settings.keep_connections) if settings.keep_connections > 0
+                            else None)
         self.active: dict[str, tuple[Future[None], Cancel]] = {}
         self._lock = threading.Lock()
 
@@ -64,7 +68,9 @@ class Worker:
             orphans = reap_expired(self.db, self.qs, own_only=True)   # our jobs from before a restart
             if orphans:
                 self.say(f"took back {len(orphans)} job(s) left by this worker id before: {', '.join(orphans)}")
-            self.say(f"serving ({self.qs.jobs} job(s) at once, {self.settings.parallel} connections)")
+            keep = (f", idle connections kept {self.settings.keep_connections:g} s" if self.connections is not None
+                    else ", no connection kept between runs")
+            self.say(f"serving ({self.qs.jobs} job(s) at once, {self.settings.parallel} connections{keep})")
             with ThreadPoolExecutor(max_workers=self.qs.jobs, thread_name_prefix="cronium-job") as pool, \
                     wakeups(self.db) as wait:
                 next_reap = 0.0
@@ -74,6 +80,8 @@ class Worker:
                         for job_id in reap_expired(self.db, self.qs):
                             self.say(f"job {job_id}: its worker's lease ran out; re-queued or failed")
                     self._forget_finished()
+                    if self.connections is not None:
+                        self.connections.sweep()
                     free = self.qs.jobs - len(self.active)
                     claims = claim(self.db, self.qs, free) if free > 0 else []
                     for c in claims:
@@ -82,6 +90,8 @@ class Worker:
                         wait(self.qs.poll_s)
                 self._drain(drain_timeout)
         finally:
+            if self.connections is not None:
+                self.connections.close()
             if lock is not None:
                 os.close(lock)
             self.db.dispose()
@@ -109,7 +119,8 @@ class Worker:
             try:
                 result = run_event(self.settings, RunRequest(event_id=c.event_id, job_id=c.job_id, hosts=c.hosts,
                                                              claim=c.for_run(self.qs)),
-                                   out=None, cancel=cancel, connection_slots=self.slots)
+                                   out=None, cancel=cancel, connection_slots=self.slots,
+                                   connections=self.connections)
             except CroniumFabError as exc:   # the event cannot run (deleted, no servers, ...): the job fails
                 error = str(exc)
             except Exception as exc:         # a bug: the job must not stay claimed

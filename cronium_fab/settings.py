@@ -21,6 +21,7 @@ HELPER_MODES = ("auto", "api", "bundled")
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TIMEOUT = 10.0
 KILL_GRACE = 5.0   # the runner's SIGTERM -> SIGKILL grace for a script's tree (header ``kill_grace``)
+KEEP_CONNECTIONS = 120.0   # serve: idle seconds a host's SSH connection is kept for its next run
 
 
 def default_data_dir() -> Path:
@@ -78,6 +79,8 @@ class Settings:
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     api_secret: str | None = field(default=None, repr=False)  # HS256 secret for API-mode tokens
+    # serve: seconds a host's connection is kept open after a clean run for the next run (0: never)
+    keep_connections: float = KEEP_CONNECTIONS
 
     @property
     def known_hosts(self) -> Path:
@@ -103,6 +106,7 @@ class Settings:
             heartbeat_interval=_env_float("CRONIUM_FAB_HEARTBEAT", HEARTBEAT_INTERVAL),
             heartbeat_timeout=_env_float("CRONIUM_FAB_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT),
             api_secret=os.environ.get("CRONIUM_FAB_API_SECRET") or None,
+            keep_connections=_env_float("CRONIUM_FAB_KEEP_CONNECTIONS", KEEP_CONNECTIONS),
         )
         s.validate()
         return s
@@ -119,6 +123,9 @@ class Settings:
             )
         if self.helper_mode not in HELPER_MODES:
             raise ConfigError(f"helper mode {self.helper_mode!r} is not one of {', '.join(HELPER_MODES)}")
+        if not self.keep_connections >= 0:
+            raise ConfigError(f"CRONIUM_FAB_KEEP_CONNECTIONS ({self.keep_connections:g}) must be a number of "
+                              "seconds, 0 or more (0: a new connection for every run)")
         if self.parallel < 1:
             raise ConfigError("--parallel must be at least 1")
         if not 0 < self.heartbeat_interval * 2 <= self.heartbeat_timeout:

@@ -125,6 +125,12 @@ def _dispatcher_for(transport: paramiko.Transport) -> _Dispatcher:
         return d
 
 
+def global_request_lock(transport: paramiko.Transport) -> threading.RLock:
+    """The lock every global request of ours on ``transport`` holds (Paramiko keeps a single
+    "global response" slot per transport, so two requests at once could swap their answers)."""
+    return _dispatcher_for(transport).request_lock
+
+
 class _Relay:
     """One forwarded connection: a channel and the local socket it is relayed to."""
 
@@ -196,6 +202,9 @@ class RemoteForward:
         self._wake_w: socket.socket | None = None
         self._local_addr: tuple[int, Any] | None = None
         self._warned_refused = False
+        # close() cancelled the server's listener (it said so): the connection carries nothing of
+        # this forward any more and may serve another run
+        self.cancelled = False
 
     # -- public -----------------------------------------------------------------------------
 
@@ -300,9 +309,11 @@ class RemoteForward:
         assert self._dispatcher is not None
         try:
             with self._dispatcher.request_lock:
-                transport.global_request("cancel-tcpip-forward", (self.remote_host, port), wait=True)
+                answer = transport.global_request("cancel-tcpip-forward", (self.remote_host, port), wait=True)
         except Exception as e:  # the connection may be going away; nothing to undo
             log.debug("host %s: cancel of remote forward %d failed: %s", self.name, port, e)
+        else:
+            self.cancelled = answer is not None
 
     def _accept(self, chan: paramiko.Channel) -> bool:
         """Transport thread: queue a new channel for the relay thread. False if we are closing."""

@@ -1,0 +1,137 @@
+"""The bookkeeping of ``ConnectionPool`` (pure logic; what it does with real sshd connections is in
+tests/run/test_keep_connections.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cronium_fab.remote.connection import HostTarget, SSHSettings
+from cronium_fab.remote.pool import ConnectionPool, pool_key
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+
+@dataclass
+class FakeConn:
+    name: str
+    transport: FakeTransport | None = None
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.transport = FakeTransport()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.active = False
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def pool_of(clock: Clock, **kw: float) -> ConnectionPool:
+    pool = ConnectionPool(clock=clock, **kw)  # type: ignore[arg-type]
+    pool._usable = lambda conn, settings: conn.transport.is_active()  # type: ignore[method-assign]
+    return pool
+
+
+S = SSHSettings(known_hosts_path=Path("/nonexistent/known_hosts"))
+
+
+def test_key_separates_destinations_credentials_and_settings_and_holds_no_secret() -> None:
+    base = HostTarget(name="web1", host="10.0.0.1", port=22, user="ops", private_key="SECRET-KEY-TEXT")
+    k = pool_key(base, S)
+    assert "SECRET" not in k and len(k) == 64
+    assert pool_key(HostTarget(name="other name", host="10.0.0.1", port=22, user="ops",
+                               private_key="SECRET-KEY-TEXT"), S) == k   # the display name does not matter
+    for changed in (dict(host="10.0.0.2"), dict(port=2222), dict(user="root"), dict(private_key="OTHER"),
+                    dict(password="pw"), dict(key_passphrase="pp"), dict(use_ssh_config=False)):
+        t = HostTarget(**{**dict(name="web1", host="10.0.0.1", port=22, user="ops",  # type: ignore[arg-type]
+                                 private_key="SECRET-KEY-TEXT"), **changed})
+        assert pool_key(t, S) != k, changed
+    assert pool_key(base, SSHSettings(known_hosts_path=S.known_hosts_path, host_key_policy="accept-new")) != k
+
+
+def test_take_gives_back_the_most_recent_live_connection(clock: Clock) -> None:
+    pool = pool_of(clock)
+    a, b = FakeConn("a"), FakeConn("b")
+    pool.opened(a)
+    pool.opened(b)
+    pool.give("k", a)
+    clock.now += 1
+    pool.give("k", b)
+    assert pool.take("other", S) is None
+    assert pool.take("k", S) is b
+    b.transport.active = False   # type: ignore[union-attr]
+    pool.give("k", b)            # dead: closed, not kept
+    assert b.closed and len(pool) == 1
+    a.transport.active = False   # type: ignore[union-attr]
+    assert pool.take("k", S) is None and a.closed and pool.dropped == 1
+
+
+def test_idle_time_and_age_bound_reuse(clock: Clock) -> None:
+    pool = pool_of(clock, idle_s=10, max_age_s=100)
+    a = FakeConn("a")
+    pool.opened(a)
+    pool.give("k", a)
+    clock.now += 11
+    assert pool.take("k", S) is None and a.closed        # idle too long
+    b = FakeConn("b")
+    pool.opened(b)
+    for _ in range(12):                                   # used every 9 s: never idle too long ...
+        clock.now += 9
+        pool.give("k", b)
+        if pool.take("k", S) is None:
+            break
+    assert b.closed and clock.now - 1000 - 11 >= 100      # ... but retired at its age
+
+
+def test_sweep_closes_expired_and_dead_connections_only(clock: Clock) -> None:
+    pool = pool_of(clock, idle_s=10)
+    old, dead, fresh = FakeConn("old"), FakeConn("dead"), FakeConn("fresh")
+    pool.give("k1", old)
+    clock.now += 8
+    pool.give("k2", dead)
+    pool.give("k2", fresh)
+    dead.transport.active = False   # type: ignore[union-attr]
+    clock.now += 3
+    assert pool.sweep() == 2
+    assert old.closed and dead.closed and not fresh.closed and len(pool) == 1
+
+
+def test_at_most_max_idle_are_kept_oldest_go_first(clock: Clock) -> None:
+    pool = pool_of(clock, max_idle=2)
+    conns = [FakeConn(str(i)) for i in range(3)]
+    for i, c in enumerate(conns):
+        clock.now += 1
+        pool.give(f"k{i}", c)
+    assert [c.closed for c in conns] == [True, False, False] and len(pool) == 2
+
+
+def test_close_closes_idle_ones_and_those_given_back_later(clock: Clock) -> None:
+    pool = pool_of(clock)
+    idle, out = FakeConn("idle"), FakeConn("out")
+    pool.give("k", idle)
+    pool.close()
+    assert idle.closed and len(pool) == 0
+    pool.give("k", out)
+    assert out.closed and len(pool) == 0
