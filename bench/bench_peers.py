@@ -16,11 +16,17 @@ shared 2-core machine falls on all of them alike; compare ratios, not seconds ac
 - cronium-fab CLI: ``cronium-fab run-event --id N --quiet`` of a PYTHON event ``pass`` (BASH ``true``
   for the ``true`` work), without a worker (``CRONIUM_FAB_WORKER=off``) and served by a running
   ``cronium-fab worker``; default settings (``--parallel`` 32), runner already cached on the hosts.
+- cronium-fab serve: the same event as a job of the queue (Cronium's path), run by a running
+  ``cronium-fab serve`` with default settings, so with the hosts' connections kept from its previous
+  run (``--keep-connections`` 120 s): wall from the enqueue to the job's end as seen by polling its
+  row every 5 ms (serve looks for jobs every 20 ms here: SQLite has no NOTIFY; on PostgreSQL
+  ``enqueue`` wakes it at once); controller CPU = the serve process's CPU over that window. The
+  table says how many hosts' runs reused a connection.
 
 Every tool checks host keys against the hosts' real keys (OpenSSH/Ansible: a known_hosts file with
 ``StrictHostKeyChecking=yes``; Fabric: the host's key in the client and a RejectPolicy; pyinfra:
 ``ssh_known_hosts_file`` + ``ssh_strict_host_key_checking``; cronium-fab: its strict store), and
-opens fresh connections every run (no ControlMaster).
+every tool but ``serve`` opens fresh connections every run (no ControlMaster).
 
 The peers (fabric, pyinfra, ansible-core) are installed from the package registry into a scratch
 venv under the bench's temp dir, never into the project's venv (``--peers-venv DIR`` reuses one).
@@ -58,9 +64,11 @@ from cronium_fab.build import build_runner  # noqa: E402
 from cronium_fab.testing.hosts import DevHost, DevHostPool  # noqa: E402
 
 PEERS = ("fabric", "pyinfra", "ansible-core")
-TOOLS = ("ssh", "fabric", "pyinfra", "ansible", "cli", "worker")
+TOOLS = ("ssh", "fabric", "pyinfra", "ansible", "cli", "worker", "serve")
 HEADINGS = {"ssh": "OpenSSH parallel", "fabric": "Fabric ThreadingGroup", "pyinfra": "pyinfra exec",
-            "ansible": "Ansible ad-hoc", "cli": "cronium-fab CLI", "worker": "cronium-fab via worker"}
+            "ansible": "Ansible ad-hoc", "cli": "cronium-fab CLI", "worker": "cronium-fab via worker",
+            "serve": "cronium-fab serve, kept connections"}
+OURS = ("cli", "worker", "serve")
 WORKS = {  # work -> (shell command for the peers, cronium-fab event type, event content)
     "python": ("python3 -c pass", "PYTHON", "pass"),
     "true": ("true", "BASH", "true"),
@@ -140,10 +148,65 @@ def children_cpu(pid: int, own: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _all_cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime of ``pid`` (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return sum(int(x) for x in fields[11:15])
+
+
+def listener_cpu(pid: int) -> float:
+    """CPU seconds of an sshd listener and everything under it: what it reaped, and its live
+    connections (a connection ``serve`` keeps is a live child whose commands it reaped). Waits
+    (up to 5 s) until no connection still runs a command, and reads again if a connection ended
+    while it read."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _busy(pid):
+        time.sleep(0.005)
+    while True:
+        tree = _descendants(pid)
+        ticks = sum(_all_cpu_ticks(k) for k in tree) + _all_cpu_ticks(pid)
+        if _descendants(pid) == tree:
+            return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], _children(pid)
+    while todo:
+        k = todo.pop()
+        out.append(k)
+        todo.extend(_children(k))
+    return sorted(out)
+
+
+def _busy(pid: int) -> bool:
+    """Something under the listener is not an sshd process (a shell, the runner, a script): a
+    command is still running or not yet reaped."""
+    for k in _descendants(pid):
+        try:
+            with open(f"/proc/{k}/comm") as f:
+                if not f.read().startswith("sshd"):
+                    return True
+        except OSError:
+            pass
+    return False
+
+
 def hosts_cpu(hosts: list[DevHost]) -> float:
-    """CPU seconds spent on ``hosts`` so far: each sshd listener, the sessions it forked and reaped,
-    and what they ran (shells, the runner, the script): everything a real host would spend."""
-    return sum(children_cpu(h.pid, own=True) for h in hosts if h.pid)
+    """CPU seconds spent on ``hosts`` so far: each sshd listener, the sessions it forked, and what
+    they ran (shells, the runner, the script): everything a real host would spend."""
+    return sum(listener_cpu(h.pid) for h in hosts if h.pid)
 
 
 # --- the peers' scratch venv -----------------------------------------------------------------
@@ -282,6 +345,62 @@ def setup_ours(work: Path, hosts: list[DevHost], keys: tuple[Path, Path], runner
     return Ours(env, events)
 
 
+def start_serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "cronium-fab"), "serve", "--poll", "0.02"],
+                                env=dict(env, CRONIUM_FAB_WORKER="off"), stdout=subprocess.DEVNULL, stderr=f)
+    deadline = time.monotonic() + 60
+    while "serving" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"serve did not start: {log.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+def process_cpu(pid: int) -> float:
+    return _all_cpu_ticks(pid) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def run_job(db_url: str, event_id: int, serve_pid: int, host_cpu: Callable[[], float],
+            reused: list[int]) -> Sample:
+    """One job of ``event_id`` through the running ``serve``: enqueue, wait for its end (its row,
+    read every 5 ms with sqlite3). Appends to ``reused`` how many of its hosts reused a connection."""
+    import json
+    import sqlite3
+
+    from cronium_fab.db.engine import Database
+    from cronium_fab.jobqueue import enqueue
+
+    db = Database(db_url)
+    try:
+        hosts_before, cpu_before = host_cpu(), process_cpu(serve_pid)
+        t0 = time.perf_counter()
+        job_id = enqueue(db, event_id)[0]
+    finally:
+        db.dispose()
+    con = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+    try:
+        while True:
+            row = con.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row and row[0] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.005)
+        wall = time.perf_counter() - t0
+        if row[0] != "completed":
+            raise RuntimeError(f"serve: job {job_id} {row[0]}")
+        metas = con.execute("SELECT execution_metadata FROM executions WHERE job_id = ?", (job_id,)).fetchall()
+    finally:
+        con.close()
+    reused.append(sum(1 for (m,) in metas if m and json.loads(m).get("connection_reused")))
+    cpu = process_cpu(serve_pid) - cpu_before
+    return Sample(wall, cpu, peak_rss_kb(serve_pid), host_cpu() - hosts_before)
+
+
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as f:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "cronium-fab"), "worker"], env=env, stdout=f,
@@ -416,6 +535,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cfab-peers-"))
     pool: DevHostPool | None = None
     worker: subprocess.Popen[bytes] | None = None
+    serving: list[subprocess.Popen[bytes]] = []
+    reused: dict[tuple[int, str], list[int]] = {}
     try:
         from cronium_fab.signing import generate_keypair, load_private_key, sign_file
 
@@ -461,6 +582,9 @@ def main() -> None:
             ours = setup_ours(sub, hosts, keys, art.path, sock)
             if worker is None and "worker" in tools:
                 worker = start_worker(ours.env, tmp / "worker.log")
+            serve = start_serve(ours.env, sub / "serve.log") if "serve" in tools else None
+            if serve is not None:
+                serving.append(serve)
             runs: dict[tuple[str, str], Callable[[], Sample]] = {}
 
             def hc(hosts: list[DevHost] = hosts) -> float:
@@ -488,6 +612,10 @@ def main() -> None:
                 wpid = worker.pid if worker else 0
                 runs[("worker", w)] = lambda argv=argv, env=ours.env, wpid=wpid: run_measured(  # type: ignore[misc]
                     argv, env=env, extra_cpu=lambda: children_cpu(wpid), host_cpu=hc)
+                if serve is not None:
+                    kept = reused.setdefault((n, w), [])
+                    runs[("serve", w)] = lambda ev=ev, url=ours.env["CRONIUM_DATABASE_URL"], spid=serve.pid, \
+                        kept=kept: run_job(url, ev, spid, hc, kept)  # type: ignore[misc]
                 # warm: installs the runner on every host (and checks each tool works once)
                 run_measured(argv, env=dict(ours.env, CRONIUM_FAB_WORKER="off"))
             for t in tools:
@@ -502,20 +630,27 @@ def main() -> None:
                         got[(t, w)].append(runs[(t, w)]())
             for (t, w), samples in got.items():
                 results[(n, w, t)] = median_sample(samples)
+            for w in works:   # the warm-up run opened the connections: only the measured runs count
+                if (n, w) in reused:
+                    reused[(n, w)][:] = reused[(n, w)][1:]
+            if serve is not None:
+                serve.terminate()
+                serve.wait(timeout=60)
             print(f"# {n} hosts measured in {time.monotonic() - t_size:.0f} s", flush=True)
-            print_tables(results, [s for s in sizes if s <= n], works, tools)
+            print_tables(results, [s for s in sizes if s <= n], works, tools, reused)
         print("\n# final")
-        print_tables(results, sizes, works, tools)
+        print_tables(results, sizes, works, tools, reused)
     except KeyboardInterrupt as e:
         print(f"\n# interrupted ({e or 'Ctrl-C'}): cleaning up", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        for proc in ([worker] if worker is not None else []) + serving:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         if pool is not None:
             pool.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -531,19 +666,23 @@ def _rows(results: dict[tuple[int, str, str], Sample], sizes: list[int], works: 
 
 
 def print_tables(results: dict[tuple[int, str, str], Sample], sizes: list[int], works: list[str],
-                 tools: list[str]) -> None:
+                 tools: list[str], reused: dict[tuple[int, str], list[int]] | None = None) -> None:
     cols = [t for t in TOOLS if t in tools]
-    ratios = [(a, b) for a in ("cli", "worker") for b in ("fabric", "pyinfra", "ssh") if a in cols and b in cols]
+    ratios = [(a, b) for a in OURS for b in ("fabric", "pyinfra", "ssh") if a in cols and b in cols]
     print("\n## Wall seconds (median of rounds)\n")
     print("| hosts | work | " + " | ".join(HEADINGS[t] for t in cols) + " | "
-          + " | ".join(f"{'CLI' if a == 'cli' else 'worker'} / {b}" for a, b in ratios) + " |")
+          + " | ".join(f"{'CLI' if a == 'cli' else a} / {b}" for a, b in ratios) + " |")
     print("|" + "---|" * (2 + len(cols) + len(ratios)))
     for n, w, r in _rows(results, sizes, works, cols):
         print(f"| {n} | {WORK_LABEL[w]} | " + " | ".join(f"{r[t].wall:.3f}" for t in cols) + " | "
               + " | ".join(f"{r[a].wall / r[b].wall:.2f}×" for a, b in ratios) + " |")
+    for (n, w), counts in sorted((reused or {}).items()):
+        if n in sizes and counts:
+            print(f"\nserve, {n} hosts, {w}: hosts that reused a kept connection in the measured runs: "
+                  f"{', '.join(f'{c}/{n}' for c in counts)}")
     print("\n## Controller: CPU ms per host (user+sys of the tool's process tree / hosts; in brackets the")
     print("marginal cost of one more host against the smallest count) and peak RSS MB (the largest single")
-    print("process of the tree; the worker's fork is not measured for RSS)\n")
+    print("process of the tree; the worker's fork is not measured for RSS; serve: its peak since it started)\n")
     rss_cols = [t for t in cols if t != "worker"]
     print("| hosts | work | " + " | ".join(f"{HEADINGS[t]} CPU" for t in cols) + " | "
           + " | ".join(f"{HEADINGS[t]} RSS" for t in rss_cols) + " |")
