@@ -16,8 +16,9 @@ Run by hand (not a test)::
 At ``--samples`` points it prints, for the long-lived process: open fds, threads, RSS (KiB), its
 live children, its TCP connections to PostgreSQL (``--db postgresql``: the database connections
 it holds, read from /proc/net/tcp, so other users of the same server do not count), and on the
-hosts: processes below the sshd listeners and entries in the hosts' TMPDIRs (leftover scripts or
-work dirs); each sample is taken once the last run has wound down (or after 3 s). The verdict fits
+hosts: processes below the sshd listeners that are not sshd (leftover shells, runners, scripts),
+entries in the hosts' TMPDIRs (leftover work dirs) and sshd sessions of live connections (``hconn``:
+``serve`` keeps one per host between runs, see docs/QUEUE.md); each sample is taken once the last run has wound down (or after 3 s). The verdict fits
 a line through the samples of the second half of the runs (the first half is warm-up: caches,
 lazy imports, the connection pool, the allocator) and gives each figure's growth per 1,000 runs:
 ``flat`` when under the threshold, else ``GROWS``. Every run must succeed; a failed one stops the
@@ -54,7 +55,7 @@ from cronium_fab.testing.hosts import DevHost, DevHostPool, process_trees  # noq
 CLI = str(Path(sys.executable).parent / "cronium-fab")
 # growth per 1,000 runs above which a figure is reported as growing
 THRESHOLDS = {"fds": 0.5, "threads": 0.5, "rss_kib": 512.0, "children": 0.5, "pg_conns": 0.5,
-              "host_procs": 0.5, "host_tmp": 0.5}
+              "host_procs": 0.5, "host_tmp": 0.5, "host_conns": 0.5}
 
 
 @dataclass
@@ -66,8 +67,9 @@ class Sample:
     rss_kib: int
     children: int
     pg_conns: int
-    host_procs: int
+    host_procs: int   # below the hosts' sshd listeners, not sshd: shells, runners, scripts left
     host_tmp: int
+    host_conns: int = 0   # sshd sessions of live connections (serve keeps one per host between runs)
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -111,11 +113,25 @@ def _sample_once(pid: int, runs: int, t0: float, hosts: list[DevHost]) -> Sample
     for p in tree:
         with contextlib.suppress(OSError):
             inodes |= _socket_inodes(p)
-    host_tree = process_trees([h.pid for h in hosts if h.pid])
+    host_tree = [p for p in process_trees([h.pid for h in hosts if h.pid]) if p not in {h.pid for h in hosts}]
+    sshd = sum(1 for p in host_tree if _comm(p).startswith("sshd"))
     return Sample(runs=runs, seconds=time.monotonic() - t0, fds=len(os.listdir(f"/proc/{pid}/fd")),
                   threads=int(st["Threads"]), rss_kib=int(st["VmRSS"].split()[0]), children=len(tree) - 1,
-                  pg_conns=tcp_conns_to(5432, inodes), host_procs=len(host_tree) - len(hosts),
-                  host_tmp=sum(len(os.listdir(h.tmp_dir)) for h in hosts))
+                  pg_conns=tcp_conns_to(5432, inodes), host_procs=len(host_tree) - sshd,
+                  host_tmp=sum(len(os.listdir(h.tmp_dir)) for h in hosts), host_conns=sshd)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def kept(s: Sample) -> int:
+    """Connections serve keeps (a Paramiko thread each) once the hosts' other sessions ended."""
+    return s.host_conns if s.host_procs == 0 else 0
 
 
 def sample(pid: int, runs: int, t0: float, hosts: list[DevHost], settle: float = 3.0) -> Sample:
@@ -123,7 +139,7 @@ def sample(pid: int, runs: int, t0: float, hosts: list[DevHost], settle: float =
     sshd sessions ended: a run is recorded a moment before they are gone), or after ``settle`` s."""
     deadline = time.monotonic() + settle
     s = _sample_once(pid, runs, t0, hosts)
-    while (s.children or s.host_procs or s.threads > 2) and time.monotonic() < deadline:
+    while (s.children or s.host_procs or s.threads > 2 + kept(s)) and time.monotonic() < deadline:
         time.sleep(0.05)
         s = _sample_once(pid, runs, t0, hosts)
     return s
@@ -209,7 +225,7 @@ def main() -> int:
             print(f"# soak: {args.runs} runs of `echo` on {args.hosts} local sshd hosts, {args.db}, {mode}")
             print(f"# sampled process: pid {target.pid}; every {every} runs\n")
             head = (f"{'runs':>7} {'s':>7} {'runs/s':>6} {'fds':>4} {'thr':>4} {'RSS KiB':>8} {'child':>5} "
-                    f"{'pg':>3} {'hproc':>5} {'htmp':>4}")
+                    f"{'pg':>3} {'hproc':>5} {'htmp':>4} {'hconn':>5}")
             print(head)
             t0 = time.monotonic()
             samples = [sample(target.pid, 0, t0, hosts)]
@@ -217,7 +233,8 @@ def main() -> int:
             def show(s: Sample, prev: Sample) -> None:
                 rate = (s.runs - prev.runs) / max(1e-9, s.seconds - prev.seconds)
                 print(f"{s.runs:7d} {s.seconds:7.1f} {rate:6.1f} {s.fds:4d} {s.threads:4d} {s.rss_kib:8d} "
-                      f"{s.children:5d} {s.pg_conns:3d} {s.host_procs:5d} {s.host_tmp:4d}", flush=True)
+                      f"{s.children:5d} {s.pg_conns:3d} {s.host_procs:5d} {s.host_tmp:4d} {s.host_conns:5d}",
+                      flush=True)
 
             show(samples[0], samples[0])
             for i in range(1, args.runs + 1):
