@@ -12,9 +12,18 @@ from cronium_fab.remote.connection import HostTarget, SSHSettings
 from cronium_fab.remote.pool import ConnectionPool, pool_key
 
 
+class FakeSock:
+    def __init__(self) -> None:
+        self.timeout = 0.1
+
+    def settimeout(self, seconds: float) -> None:
+        self.timeout = seconds
+
+
 class FakeTransport:
     def __init__(self) -> None:
         self.active = True
+        self.sock = FakeSock()
 
     def is_active(self) -> bool:
         return self.active
@@ -49,9 +58,17 @@ def clock() -> Clock:
 
 
 def pool_of(clock: Clock, **kw: float) -> ConnectionPool:
-    pool = ConnectionPool(clock=clock, **kw)  # type: ignore[arg-type]
-    pool._usable = lambda conn, settings: conn.transport.is_active()  # type: ignore[method-assign]
-    return pool
+    return ConnectionPool(clock=clock, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def trusted_and_answering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host key check and the round trip need a real server (tests/run/test_keep_connections.py);
+    here every live fake connection passes them."""
+    from cronium_fab.remote import pool
+
+    monkeypatch.setattr(pool, "_host_key_still_known", lambda conn, settings: True)
+    monkeypatch.setattr(pool, "_answers", lambda conn, timeout: conn.transport.is_active())
 
 
 S = SSHSettings(known_hosts_path=Path("/nonexistent/known_hosts"))
@@ -135,3 +152,14 @@ def test_close_closes_idle_ones_and_those_given_back_later(clock: Clock) -> None
     assert idle.closed and len(pool) == 0
     pool.give("k", out)
     assert out.closed and len(pool) == 0
+
+
+def test_an_idle_connection_s_thread_polls_slowly_a_taken_one_at_paramiko_s_pace(clock: Clock) -> None:
+    from cronium_fab.remote.pool import BUSY_POLL_S, IDLE_POLL_S
+
+    pool = pool_of(clock)
+    c = FakeConn("c")
+    pool.give("k", c)
+    assert c.transport.sock.timeout == IDLE_POLL_S   # type: ignore[union-attr]
+    assert pool.take("k", S) is c
+    assert c.transport.sock.timeout == BUSY_POLL_S   # type: ignore[union-attr]
