@@ -22,7 +22,7 @@ from cronium_fab.execute import Cancel, RunRequest, RunResult, run_event
 from cronium_fab.jobqueue import enqueue
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
 from cronium_fab.remote.pool import ConnectionPool
-from cronium_fab.testing.procs import wait_until
+from cronium_fab.testing.procs import session_processes, wait_until
 from tests.run.conftest import Fleet
 
 pytestmark = pytest.mark.ssh
@@ -239,3 +239,43 @@ def test_serve_reuses_connections_across_jobs_and_closes_them_on_stop(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()
     assert wait_until(lambda: not alive(pids[0]), 10)   # serve's stop closed the kept connection
+
+
+@ON_SQLITE
+@pytest.mark.timeout(120)
+def test_a_host_frozen_during_a_run_on_a_kept_connection_loses_it(fleet: Fleet, ssh_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The liveness verdict (no sign of life from the runner) closes the kept connection; once the
+    host thaws, the next run connects afresh and succeeds."""
+    (host,) = ssh_hosts(1, exclusive=True)
+    settings = fleet.settings.with_(heartbeat_interval=0.5, heartbeat_timeout=2.0)
+    d = tmp_path / "started"
+    d.mkdir()
+    ev = fleet.event([host], CONN + f'; touch "{d}/go"; sleep 3', timeout_value=30)
+    pool = ConnectionPool()
+    frozen: list[int] = []
+
+    def freeze() -> None:
+        if wait_until(lambda: (d / "go").exists(), 60):
+            for pid in session_processes(host):
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+    try:
+        first = run_event(settings, RunRequest(event_id=ev), out=None, connections=pool)
+        assert first.status == "SUCCESS" and len(pool) == 1
+        (d / "go").unlink()
+        t = threading.Thread(target=freeze)
+        t.start()
+        try:
+            second = run_event(settings, RunRequest(event_id=ev), out=None, connections=pool)
+            t.join()
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        assert frozen and second.hosts[0].connection_reused
+        assert (second.hosts[0].status, second.hosts[0].error_kind) == ("unreachable", "unresponsive")
+        assert len(pool) == 0
+        third = run_event(settings, RunRequest(event_id=ev), out=None, connections=pool)
+        assert third.status == "SUCCESS" and not third.hosts[0].connection_reused
+        assert conn_pid(third) != conn_pid(first)
+    finally:
+        pool.close()
