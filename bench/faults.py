@@ -3,7 +3,7 @@
 Run by hand (not a test; needs root for the two mount faults)::
 
     flock /tmp/cronium-bench.lock .venv/bin/python bench/faults.py [--trials 8] [--quick]
-        [--db sqlite,postgresql] [--mode bundled,api] [--fault NAME ...] [--json faults.json]
+        [--db sqlite,postgresql] [--mode bundled,api] [--via cli,serve] [--fault NAME ...] [--json faults.json]
 
 Each trial and its checks: ``cronium_fab/testing/faults.py``. 17 faults x 4 cells x ``--trials`` 8
 = 544 trials. ``--quick``: 1 trial per fault and cell. Prints fault x trials x hung x wrong state x
@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 trial per fault and cell")
     ap.add_argument("--db", default="sqlite,postgresql")
     ap.add_argument("--mode", default="bundled,api")
+    ap.add_argument("--via", default="cli", help="cli and/or serve: trials as jobs of one `cronium-fab serve` per "
+                    "cell, with its kept connections (the controller faults are the CLI's)")
     ap.add_argument("--fault", action="append", choices=sorted(fm.FAULTS), help="only these faults")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -60,17 +62,20 @@ def matrix(args: argparse.Namespace, faults: list[str], trials_each: int, work: 
     art = build_runner(ROOT / "runner", work / "dist")
     sign_file(art.path, load_private_key(keys[0]))
     trials: list[fm.Trial] = []
+    stops: list[str] = []   # what a serve cell left once its serve stopped
     t0 = time.monotonic()
     with fm.hosts_pool(work / "hosts") as pool:
         for flavour in args.db.split(","):
             with pg_schema(flavour) as url:
-                for mode in args.mode.split(","):
-                    cw = work / f"{flavour}-{mode}"
+                for mode, via in [(m, v) for v in args.via.split(",") for m in args.mode.split(",")]:
+                    cw = work / f"{flavour}-{mode}-{via}"
                     cell = fm.open_cell(flavour, mode, url or f"sqlite:///{cw / 'cronium.db'}", pool, cw, art.path,
-                                        keys)
-                    print(f"# {flavour}/{mode}: baseline run {cell.baseline_s:.2f} s, "
+                                        keys, via=via)
+                    print(f"# {cell.name}: baseline run {cell.baseline_s:.2f} s, "
                           f"peak RSS {cell.baseline_rss_kib / 1024:.0f} MiB", flush=True)
                     for fault in faults:
+                        if via == "serve" and fault in fm.CONTROLLER_FAULTS:
+                            continue
                         for _ in range(trials_each):
                             t = fm.run_trial(cell, fault)
                             trials.append(t)
@@ -78,7 +83,10 @@ def matrix(args: argparse.Namespace, faults: list[str], trials_each: int, work: 
                                 print(f"  FAIL {fault} [{t.cell}] {t.seconds:.1f}s/{t.bound:.0f}s hung={t.hung} "
                                       f"wrong={t.wrong_state} left={t.leftovers[:3]} rows={t.lost_rows} "
                                       f"rss={t.rss_kib // 1024}MiB said={t.said}", flush=True)
-                    cell.db.dispose()
+                    left = fm.close_cell(cell)
+                    if left:
+                        stops.append(f"{cell.name}: {'; '.join(left)}")
+                        print(f"  FAIL stopping {cell.name}: {left}", flush=True)
     rows = fm.summarize(trials)
     print(f"\n{len(trials)} trials in {time.monotonic() - t0:.0f} s\n")
     print("| fault | trials | hung | wrong state | leftovers | lost rows | RSS over | max s / bound | peak RSS MiB |")
@@ -86,9 +94,11 @@ def matrix(args: argparse.Namespace, faults: list[str], trials_each: int, work: 
     for r in rows:
         print(f"| {r['fault']} | {r['trials']} | {r['hung']} | {r['wrong_state']} | {r['leftovers']} | "
               f"{r['lost_rows']} | {r['rss_over']} | {r['max_s']:.1f} / {r['bound_s']:.0f} | {r['max_rss_mib']:.0f} |")
+    if "serve" in args.via:
+        print(f"\nserve cells stopped cleanly (no sshd session left on a host): {'no: ' + '; '.join(stops) if stops else 'yes'}")
     if args.json:
-        args.json.write_text(json.dumps({"trials": len(trials), "rows": rows}, indent=1))
-    return 0 if all(t.ok for t in trials) else 1
+        args.json.write_text(json.dumps({"trials": len(trials), "rows": rows, "serve_stops": stops}, indent=1))
+    return 0 if all(t.ok for t in trials) and not stops else 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,13 @@ A trial runs ``cronium-fab run-event --id N --json`` (no worker: the controller 
 - **lost rows**: no ``executions``/``logs``/``jobs`` row left non-terminal (for a killed
   controller: after ``cronium-fab recover``, which the next process runs anyway).
 
+A cell ``via="serve"`` runs every trial as a job of one long-lived ``cronium-fab serve`` instead
+(Cronium's queue path, with its kept connections: a trial's fault must not reach the next trial
+through a connection kept from it): its host result comes from the job's rows, memory is serve's
+peak, the sshd sessions of kept connections are not leftovers while serve runs, and none may be
+left once it stopped (``close_cell``). The two controller faults are the CLI's (a killed or frozen
+``serve`` is tests/run/test_serve.py's: another worker takes over its jobs).
+
 Used by ``bench/faults.py`` (many trials, the table) and ``tests/run/test_faults.py`` (a few each).
 Mounts (a read-only cache dir, a 1 MiB work-dir filesystem) need root; without it those two faults
 are reported as not run.
@@ -70,6 +77,12 @@ class Cell:
     servers: dict[str, int] = field(default_factory=dict)
     baseline_rss_kib: int = 0
     baseline_s: float = 0.0
+    via: str = "cli"                                   # or "serve": trials are jobs of one serve
+    serve: subprocess.Popen[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.db_flavour}/{self.mode}" + ("/serve" if self.via == "serve" else "")
 
     def env(self) -> dict[str, str]:
         s = self.settings
@@ -398,6 +411,7 @@ FAULTS: dict[str, Callable[[Cell], Plan]] = {
     "helper flood": fault_helper_flood,
 }
 NEEDS_ROOT = {"cache not writable", "disk full"}
+CONTROLLER_FAULTS = {"controller killed", "controller frozen"}   # CLI cells only
 
 
 # --- a cell and a trial ----------------------------------------------------------------------------
@@ -419,14 +433,16 @@ def roles(pool: DevHostPool) -> dict[str, DevHost]:
 
 
 def open_cell(db_flavour: str, mode: str, url: str, pool: DevHostPool, work: Path, runner: Path,
-              keys: tuple[Path, Path]) -> Cell:
+              keys: tuple[Path, Path], via: str = "cli") -> Cell:
     work.mkdir(parents=True, exist_ok=True)
     settings = Settings(database_url=url, data_dir=work / "data", signing_key=keys[0], public_key=keys[1],
                         runner_path=runner, payload_dir=work / "payloads", helper_mode=mode)
     db = Database(url)
     db.init()
-    cell = Cell(db_flavour, mode, settings, db, roles(pool), pool, work)
+    cell = Cell(db_flavour, mode, settings, db, roles(pool), pool, work, via=via)
     cell.trust(cell.hosts["ok"])
+    if via == "serve":
+        start_serve(cell)
     ev = _event(cell, [cell.server("ok")], "echo baseline", 30)
     for _ in range(2):   # the first one installs the runner
         proc, seconds, rss, out = _run(cell, ev, 120)
@@ -436,10 +452,97 @@ def open_cell(db_flavour: str, mode: str, url: str, pool: DevHostPool, work: Pat
     return cell
 
 
+def start_serve(cell: Cell) -> None:
+    log = cell.work / "serve.log"
+    with log.open("ab") as f:
+        proc = cell.serve = subprocess.Popen([sys.executable, "-m", "cronium_fab", "serve", "--poll", "0.1"],
+                                             env=cell.env(), stdout=subprocess.DEVNULL, stderr=f, cwd=cell.work)
+    if not wait_until(lambda: "serving" in log.read_text(errors="replace") or proc.poll() is not None, 60):
+        raise RuntimeError(f"serve did not start: {log.read_text(errors='replace')[-2000:]}")
+
+
+def close_cell(cell: Cell) -> list[str]:
+    """Stop the cell's serve (SIGTERM: it drains and closes its kept connections); what it left."""
+    problems: list[str] = []
+    if cell.serve is not None and cell.serve.poll() is None:
+        cell.serve.send_signal(signal.SIGTERM)
+        try:
+            if cell.serve.wait(90) != 0:
+                problems.append(f"serve exited {cell.serve.returncode}")
+        except subprocess.TimeoutExpired:
+            cell.serve.kill()
+            problems.append("serve did not stop within 90 s of SIGTERM")
+        pids = {h.name: h.pid for h in cell.hosts.values() if h.pid}
+        if not wait_until(lambda: all(process_trees([p]) == [p] for p in pids.values()), 10, 0.1):
+            problems.append("sshd sessions left on the hosts after serve stopped: "
+                            + ", ".join(f"{n}: {len(process_trees([p])) - 1}" for n, p in pids.items()))
+    cell.db.dispose()
+    return problems
+
+
+def _peak_rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _job_result(cell: Cell, job_id: str) -> str:
+    """The run's JSON document as ``run-event --json`` prints it, from the job's rows (stdout from
+    ``executions.output``)."""
+    with cell.db.engine.connect() as conn:
+        result = conn.execute(text("SELECT result FROM jobs WHERE id = :j"), {"j": job_id}).scalar()
+        outputs: dict[str, str | None] = dict(conn.execute(text("SELECT id, output FROM executions WHERE job_id = :j"), {"j": job_id}).all())
+    doc = json.loads(result) if isinstance(result, str) else dict(result or {})
+    for h in doc.get("hosts", []):
+        h["stdout"] = outputs.get(h.get("execution_id")) or ""
+    return json.dumps(doc)
+
+
+class _Done:
+    """Stands for the controller process of a CLI trial in a serve trial (its job ended)."""
+
+    returncode = 0
+
+
+def _run_job(cell: Cell, event: int, limit: float, during: Callable[[subprocess.Popen[str]], None] | None,
+             marker: str) -> tuple[Any, float, int, str]:
+    from ..jobqueue import enqueue
+
+    assert cell.serve is not None
+    t0 = time.monotonic()
+    job_id = enqueue(cell.db, event)[0]
+    injector = None
+    if during is not None:
+        def inject() -> None:
+            if wait_until(lambda: bool(procs_with(marker)), limit, 0.02):
+                during(cell.serve)  # type: ignore[arg-type]
+        injector = threading.Thread(target=inject, daemon=True)
+        injector.start()
+
+    def status() -> str:
+        with cell.db.engine.connect() as conn:
+            return str(conn.execute(text("SELECT status FROM jobs WHERE id = :j"), {"j": job_id}).scalar())
+    ended = wait_until(lambda: status() in ("completed", "failed", "cancelled"), limit, 0.02)
+    seconds = time.monotonic() - t0
+    if injector is not None:
+        injector.join(5)
+    if not ended:   # hung: this serve is done for; the next one recovers its rows
+        cell.serve.kill()
+        cell.serve.wait()
+        start_serve(cell)
+        return _Done(), seconds, _peak_rss_kib(cell.serve.pid), "{}"
+    return _Done(), seconds, _peak_rss_kib(cell.serve.pid), _job_result(cell, job_id)
+
+
 def _run(cell: Cell, event: int, limit: float, *, kill_when: Callable[[], bool] | None = None,
          during: Callable[[subprocess.Popen[str]], None] | None = None, marker: str = "",
          ) -> tuple[subprocess.Popen[str], float, int, str]:
-    """Run the CLI; returns (process, seconds, peak RSS KiB, stdout). Killed past ``limit``."""
+    """Run the CLI; returns (process, seconds, peak RSS KiB, stdout). Killed past ``limit``.
+    In a serve cell: a job of its serve (``kill_when`` has no meaning there)."""
+    if cell.via == "serve":
+        return _run_job(cell, event, limit, during, marker)
     out_path = cell.work / f"out-{secrets.token_hex(4)}.json"
     t0 = time.monotonic()
     with out_path.open("w") as out:
@@ -496,13 +599,23 @@ def _leftovers(cell: Cell, plan: Plan) -> list[str]:
         left = [f"process {pid} with the script's marker" for pid in procs_with(plan.marker)]
         for h in hosts:
             if h.pid:
-                left += [f"{h.name}: process {p} below sshd" for p in process_trees([h.pid]) if p != h.pid]
+                left += [f"{h.name}: process {p} below sshd" for p in process_trees([h.pid])
+                         if p != h.pid and not (cell.via == "serve" and _is_sshd(p))]
             with contextlib.suppress(OSError):
                 left += [f"{h.name}: work dir {d}" for d in os.listdir(h.tmp_dir) if d.startswith("cronium-run-")]
         return left
 
     wait_until(lambda: not found(), 10, 0.1)   # the runner's kill grace and clean-up
     return found()
+
+
+def _is_sshd(pid: int) -> bool:
+    """An sshd process: serve's kept connection (its commands are not sshd)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().startswith("sshd")
+    except OSError:
+        return True   # gone
 
 
 def _check_states(plan: Plan, result: dict[str, Any]) -> list[str]:
@@ -537,7 +650,7 @@ def _recover(cell: Cell) -> str:
 
 def run_trial(cell: Cell, fault: str) -> Trial:
     plan = FAULTS[fault](cell)
-    trial = Trial(fault, f"{cell.db_flavour}/{cell.mode}", 0.0, plan.bound)
+    trial = Trial(fault, cell.name, 0.0, plan.bound)
     try:
         proc, seconds, rss, out = _run(cell, plan.event, plan.bound + HARD_LIMIT, during=plan.during,
                                        kill_when=(lambda: True) if plan.kill_controller == "kill" else None,
@@ -573,7 +686,7 @@ def run_trial(cell: Cell, fault: str) -> Trial:
             trial.wrong_state += _check_states(plan, result)
             trial.said = [f"{h.get('name')}: {h.get('status')} {h.get('error_kind')} {(h.get('error') or '')[:160]}"
                           for h in result.get("hosts", [])]
-        if trial.hung:   # killed at bound + HARD_LIMIT: its rows are the next process's to close
+        if trial.hung and cell.via == "cli":   # killed at bound + HARD_LIMIT: its rows are the next process's
             _recover(cell)
     trial.leftovers = _leftovers(cell, plan)
     trial.lost_rows = _check_rows(cell)

@@ -7,10 +7,12 @@ whose memory grew with the output, or a row left open (cronium_fab/testing/fault
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from cronium_fab.testing import faults as fm
 from cronium_fab.testing.hosts import DevHostPool
@@ -69,3 +71,28 @@ def test_fault(cells: CellOf, fault: str, where: tuple[str, str]) -> None:
     assert t.leftovers == [], t.leftovers
     assert t.lost_rows == [], t.lost_rows
     assert not t.rss_over, f"controller peak RSS {t.rss_kib // 1024} MiB, baseline {cell.baseline_rss_kib // 1024}"
+
+
+# Faults one after another through one `serve` (kept connections): a fault must not reach the next
+# trial through a connection kept from an earlier one, and stopping serve leaves no sshd session.
+SERVE_SEQUENCE = ("session killed", "sshd stopped during", "host key changed", "auth refused", "never ends",
+                  "setsid daemon")
+
+
+@pytest.mark.timeout(600)
+def test_faults_in_a_row_through_serve_with_kept_connections(
+        postgres_url: str, fault_hosts: DevHostPool, signed_runner: Path, signing_keys: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    with private_schema(postgres_url) as url:
+        cell = fm.open_cell("postgresql", "api", url, fault_hosts, tmp_path, signed_runner, signing_keys, via="serve")
+        try:
+            for fault in SERVE_SEQUENCE:
+                t = fm.run_trial(cell, fault)
+                assert t.ok, (fault, t)
+            with cell.db.engine.connect() as conn:
+                metas = [m for (m,) in conn.execute(text("SELECT execution_metadata FROM executions"))]
+            reused = sum(1 for m in metas if (json.loads(m) if isinstance(m, str) else m or {}).get("connection_reused"))
+            assert reused >= len(SERVE_SEQUENCE)   # the healthy host's runs went over its kept connection
+        finally:
+            left = fm.close_cell(cell)
+        assert left == []
