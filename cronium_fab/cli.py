@@ -576,7 +576,11 @@ def serve(c: Any, jobs: int = 1, worker_id: str | None = None, lease: str | None
     if parallel:
         settings = settings.with_(parallel=int(parallel))
     if keep_connections is not None:
-        keep = _seconds("--keep-connections", keep_connections) if keep_connections.strip() not in ("0", "0.0") else 0.0
+        try:
+            off = float(keep_connections) == 0
+        except ValueError:
+            off = False
+        keep = 0.0 if off else _seconds("--keep-connections", keep_connections)
         settings = settings.with_(keep_connections=keep)
     if int(jobs) < 1:
         raise Exit("cronium-fab: error: --jobs must be at least 1", code=EXIT_USAGE)

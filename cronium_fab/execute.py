@@ -756,6 +756,7 @@ class EventRun:
                 fwd.open()
         except RemoteError as exc:
             api.unregister(res.execution_id)
+            conn.reusable = False   # whatever the server made of the request, no other run inherits it
             if self.plan.mode == "api":
                 res.status, res.error_kind = "failure", exc.kind
                 res.error = f"API mode needs SSH remote forwarding, which this host refused: {exc}"
@@ -818,6 +819,7 @@ def _closes_on_hang(conn: Any, seconds: float) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
+        timer.join()   # had it fired, the connection is closed now, not later (it may be kept for another run)
 
 
 def _merge_api_state(res: HostResult, state: HelperState) -> None:

@@ -91,7 +91,9 @@ class Worker:
                 self._drain(drain_timeout)
         finally:
             if self.connections is not None:
-                self.connections.close()
+                closed = self.connections.close()
+                if closed:
+                    self.say(f"closed {closed} kept connection(s)")
             if lock is not None:
                 os.close(lock)
             self.db.dispose()

@@ -241,6 +241,29 @@ class _Transport(paramiko.Transport):
 
     _preferred_ciphers = tuple(sorted(paramiko.Transport._preferred_ciphers,  # type: ignore[attr-defined]
                                       key=lambda c: "-gcm@" not in c))
+    _replies = 0   # answers to our global requests so far (set in the transport thread)
+
+    def _parse_request_success(self, m: paramiko.Message) -> None:
+        self._replies += 1
+        super()._parse_request_success(m)  # type: ignore[misc]
+
+    def _parse_request_failure(self, m: paramiko.Message) -> None:
+        self._replies += 1
+        super()._parse_request_failure(m)  # type: ignore[misc]
+
+    def global_request(self, kind: str, data: Any = None, wait: bool = True) -> paramiko.Message | None:
+        """Paramiko's, but a wait ends with the server's answer: Paramiko also ends it when a key
+        exchange completes (one event for both), and then returns the previous answer while the
+        real one is taken for the next request's. A kept connection lives long enough to re-key."""
+        if not wait:
+            return super().global_request(kind, data, wait)
+        before = self._replies
+        answer = super().global_request(kind, data, wait)
+        while self.is_active() and self._replies == before:   # woken by a re-key, not by the answer
+            self.completion_event = event = threading.Event()
+            if self._replies == before:
+                event.wait(0.1)
+        return self.global_response if self._replies != before else answer
 
 
 def _connect_kwargs(target: HostTarget, settings: SSHSettings) -> dict[str, Any]:
@@ -303,6 +326,9 @@ class _Connection(fabric.Connection):
     """A Connection that also closes its jump host (Fabric leaves a ProxyJump gateway open)."""
 
     first_contact: str | None = None  # the key type and fingerprint of a host key we did not know
+    # False once something of a run may be left on the connection (a remote forward that could not
+    # be set up or cancelled): it is not kept for another run (remote/pool.py)
+    reusable: bool = True
 
     def close(self) -> None:
         super().close()

@@ -11,10 +11,14 @@ clean run and the next run on that host opens only a new session channel on it. 
 What makes reuse safe:
 
 - **The key** of a kept connection is everything that chose and authenticated it: address,
-  port, user, the credential (a digest of the key text, password, passphrase and key files: the
-  secrets themselves are not kept here), whether ``~/.ssh/config`` was used, and the SSH settings
-  (host key policy, known_hosts files, timeouts). A server whose credential changed in the
-  database gets a new connection; the old one times out idle.
+  port, user, the credential (key text, password, passphrase; key files by path, size and
+  modification time), the ``~/.ssh/config`` entry that applied, and the SSH settings (host key
+  policy, known_hosts files, timeouts), as an HMAC under a random per-process key (the index
+  holds no digest of a password that could be tried offline; the connection objects themselves
+  hold their credentials as long as they are open, as any open connection does). A server whose
+  credential changed in the database gets a new connection; the old one times out idle. (An
+  ssh-agent's keys are not part of the key: an agent key removed from the agent keeps working on
+  a kept connection until it closes.)
 - **The host key is checked again** when a connection is taken: the key the server proved on
   that connection must still be recorded in known_hosts (an operator who removed or replaced it
   gets a fresh connection, which verifies as usual). A key accepted ``accept-once`` is never
@@ -23,7 +27,9 @@ What makes reuse safe:
   ``check_timeout`` s) for the server's answer; a connection the server or the network dropped
   is closed and a new one opened, so a stale connection never fails a run.
 - **Only clean runs give a connection back** (the caller's choice: a result came back, no
-  liveness verdict, not cancelled, its remote forward cancelled); anything else closes it.
+  liveness verdict, not cancelled; a connection whose remote forward could not be set up or
+  cancelled is marked ``reusable = False``); anything else closes it. Connections through a jump
+  host are never kept (the jump host's own connection would need the same checks).
 - **Bounded**: idle connections are closed after ``idle_s``, every connection after ``max_age_s``
   from its opening (a revoked key stops working within that bound), at most ``max_idle`` are kept
   (each is one socket and one Paramiko thread here, one sshd session on its host), and
@@ -37,7 +43,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..settings import KEEP_CONNECTIONS
-from .connection import HostTarget, SSHSettings
+from .connection import HostTarget, SSHSettings, _ssh_config
 from .known_hosts import host_entry_name
 from .tunnel import global_request_lock
 
@@ -62,12 +71,24 @@ IDLE_POLL_S = 1.0
 BUSY_POLL_S = 0.1
 
 
+_KEY_SECRET = secrets.token_bytes(32)   # this process's: pool keys mean nothing outside it
+
+
 def pool_key(target: HostTarget, settings: SSHSettings) -> str:
-    """What a connection may be reused for: the same destination, credential and SSH settings.
-    A digest, so no secret is kept in the pool's index."""
-    h = hashlib.sha256()
+    """What a connection may be reused for: the same destination, credential, ``~/.ssh/config``
+    entry and SSH settings. An HMAC under a per-process random key, so the pool's index holds
+    nothing from which a password could be recovered."""
+    files: list[tuple[str, int | None, int | None]] = []
+    for f in target.key_files:
+        try:
+            st = os.stat(os.path.expanduser(f))
+            files.append((f, st.st_size, st.st_mtime_ns))
+        except OSError:
+            files.append((f, None, None))
+    entry = sorted(_ssh_config(settings).lookup(target.host).items()) if target.use_ssh_config else None
+    h = hmac.new(_KEY_SECRET, digestmod=hashlib.sha256)
     for part in (target.host, target.port, target.user, target.use_ssh_config, target.private_key,
-                 target.password, target.key_passphrase, target.key_files, repr(settings)):
+                 target.password, target.key_passphrase, files, entry, repr(settings)):
         h.update(repr(part).encode("utf-8", "surrogateescape"))
         h.update(b"\0")
     return h.hexdigest()
@@ -106,7 +127,9 @@ class ConnectionPool:
             self._opened[id(conn)] = self.clock()
 
     def take(self, key: str, settings: SSHSettings) -> Any | None:
-        """A live, still-trusted idle connection for ``key`` (the most recently used), or None."""
+        """A live, still-trusted idle connection for ``key`` (the most recently used), or None.
+        One that does not answer in time means its host does not: the others kept for it go too
+        (so a frozen host costs one ``check_timeout``, not one per kept connection)."""
         while True:
             with self._lock:
                 kept = self._idle.get(key)
@@ -116,13 +139,21 @@ class ConnectionPool:
                 if not kept:
                     del self._idle[key]
             now = self.clock()
-            if now - k.idle_since > self.idle_s or now - k.opened > self.max_age_s or not self._usable(k.conn, settings):
-                self.dropped += 1
-                _close(k.conn)
+            fresh = now - k.idle_since <= self.idle_s and now - k.opened <= self.max_age_s
+            verdict = self._usable(k.conn, settings) if fresh else "expired"
+            if verdict != "ok":
+                gone = [k]
+                with self._lock:
+                    self.dropped += 1
+                    if verdict == "silent":
+                        gone += self._idle.pop(key, [])
+                        self.dropped += len(gone) - 1
+                for g in gone:
+                    _close(g.conn)
                 continue
             with self._lock:
                 self._opened[id(k.conn)] = k.opened
-            self.reused += 1
+                self.reused += 1
             return k.conn
 
     def give(self, key: str, conn: Any) -> None:
@@ -131,8 +162,8 @@ class ConnectionPool:
         with self._lock:
             opened = self._opened.pop(id(conn), now)
             transport = conn.transport
-            keep = (not self._closed and now - opened < self.max_age_s
-                    and transport is not None and transport.is_active())
+            keep = (not self._closed and now - opened < self.max_age_s and getattr(conn, "reusable", True)
+                    and not getattr(conn, "gateway", None) and transport is not None and transport.is_active())
             evicted: list[_Kept] = []
             if keep:
                 _poll_every(conn, IDLE_POLL_S)
@@ -171,14 +202,15 @@ class ConnectionPool:
             _close(k.conn)
         return len(gone)
 
-    def close(self) -> None:
-        """Close every idle connection; connections given back later are closed too."""
+    def close(self) -> int:
+        """Close every idle connection (how many); connections given back later are closed too."""
         with self._lock:
             self._closed = True
             gone = [k for v in self._idle.values() for k in v]
             self._idle.clear()
         for k in gone:
             _close(k.conn)
+        return len(gone)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -197,16 +229,17 @@ class ConnectionPool:
             out.append(k)
         return out
 
-    def _usable(self, conn: Any, settings: SSHSettings) -> bool:
+    def _usable(self, conn: Any, settings: SSHSettings) -> str:
+        """"ok", or why not: "closed", "host-key" (no longer in known_hosts), "silent" (no answer)."""
         transport = conn.transport
         if transport is None or not transport.is_active():
-            return False
+            return "closed"
         _poll_every(conn, BUSY_POLL_S)
         if not _host_key_still_known(conn, settings):
             log.info("host %s: its host key is no longer the one in known_hosts; not reusing the connection",
                      conn.host)
-            return False
-        return _answers(conn, self.check_timeout)
+            return "host-key"
+        return "ok" if _answers(conn, self.check_timeout) else "silent"
 
 
 def _host_key_still_known(conn: Any, settings: SSHSettings) -> bool:
@@ -234,6 +267,7 @@ def _answers(conn: Any, timeout: float) -> bool:
         return False
     finally:
         timer.cancel()
+        timer.join()     # had it fired, the connection is closed by now: never hand out one closing
     return transport.is_active()
 
 

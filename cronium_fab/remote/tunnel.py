@@ -298,6 +298,8 @@ class RemoteForward:
                 if dispatcher.forwards.get(port) is self:
                     del dispatcher.forwards[port]
         self._stop_relay()
+        if self._thread is not None and self._thread.is_alive():
+            self.cancelled = False   # its relay may still use channels of the connection
 
     # -- internals --------------------------------------------------------------------------
 

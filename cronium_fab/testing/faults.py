@@ -462,7 +462,8 @@ def start_serve(cell: Cell) -> None:
 
 
 def close_cell(cell: Cell) -> list[str]:
-    """Stop the cell's serve (SIGTERM: it drains and closes its kept connections); what it left."""
+    """Stop the cell's serve (SIGTERM: it drains and closes its kept connections, and says so);
+    what it left."""
     problems: list[str] = []
     if cell.serve is not None and cell.serve.poll() is None:
         cell.serve.send_signal(signal.SIGTERM)
@@ -472,6 +473,9 @@ def close_cell(cell: Cell) -> list[str]:
         except subprocess.TimeoutExpired:
             cell.serve.kill()
             problems.append("serve did not stop within 90 s of SIGTERM")
+        said = (cell.work / "serve.log").read_text(errors="replace")
+        if "kept connection(s)" not in said.rsplit("serving (", 1)[-1]:
+            problems.append("serve did not close kept connections when it stopped")
         pids = {h.name: h.pid for h in cell.hosts.values() if h.pid}
         if not wait_until(lambda: all(process_trees([p]) == [p] for p in pids.values()), 10, 0.1):
             problems.append("sshd sessions left on the hosts after serve stopped: "
@@ -601,12 +605,24 @@ def _leftovers(cell: Cell, plan: Plan) -> list[str]:
             if h.pid:
                 left += [f"{h.name}: process {p} below sshd" for p in process_trees([h.pid])
                          if p != h.pid and not (cell.via == "serve" and _is_sshd(p))]
+                if cell.via == "serve":   # one kept connection per host at most (one job at a time)
+                    conns = [p for p in _children(h.pid) if _is_sshd(p)]
+                    if len(conns) > 1:
+                        left.append(f"{h.name}: {len(conns)} sshd connections (serve keeps one)")
             with contextlib.suppress(OSError):
                 left += [f"{h.name}: work dir {d}" for d in os.listdir(h.tmp_dir) if d.startswith("cronium-run-")]
         return left
 
     wait_until(lambda: not found(), 10, 0.1)   # the runner's kill grace and clean-up
     return found()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
 
 
 def _is_sshd(pid: int) -> bool:

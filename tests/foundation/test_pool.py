@@ -34,6 +34,8 @@ class FakeConn:
     name: str
     transport: FakeTransport | None = None
     closed: bool = False
+    reusable: bool = True
+    gateway: object = None
 
     def __post_init__(self) -> None:
         self.transport = FakeTransport()
@@ -74,10 +76,10 @@ def trusted_and_answering(monkeypatch: pytest.MonkeyPatch) -> None:
 S = SSHSettings(known_hosts_path=Path("/nonexistent/known_hosts"))
 
 
-def test_key_separates_destinations_credentials_and_settings_and_holds_no_secret() -> None:
+def test_key_separates_destinations_credentials_and_settings(tmp_path: Path) -> None:
     base = HostTarget(name="web1", host="10.0.0.1", port=22, user="ops", private_key="SECRET-KEY-TEXT")
     k = pool_key(base, S)
-    assert "SECRET" not in k and len(k) == 64
+    assert pool_key(base, S) == k
     assert pool_key(HostTarget(name="other name", host="10.0.0.1", port=22, user="ops",
                                private_key="SECRET-KEY-TEXT"), S) == k   # the display name does not matter
     for changed in (dict(host="10.0.0.2"), dict(port=2222), dict(user="root"), dict(private_key="OTHER"),
@@ -86,6 +88,25 @@ def test_key_separates_destinations_credentials_and_settings_and_holds_no_secret
                                  private_key="SECRET-KEY-TEXT"), **changed})
         assert pool_key(t, S) != k, changed
     assert pool_key(base, SSHSettings(known_hosts_path=S.known_hosts_path, host_key_policy="accept-new")) != k
+    key_file = tmp_path / "id_ed25519"
+    key_file.write_text("one")
+    by_file = HostTarget(name="web1", host="10.0.0.1", key_files=(str(key_file),))
+    before = pool_key(by_file, S)
+    key_file.write_text("another key")   # replaced on disk: same path, new content
+    assert pool_key(by_file, S) != before
+
+
+def test_ssh_config_entry_is_part_of_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "config"
+    cfg.write_text("Host web\n  HostName 10.0.0.1\n  User ops\n")
+    settings = SSHSettings(known_hosts_path=S.known_hosts_path, ssh_config_path=cfg)
+    target = HostTarget(name="web", host="web")
+    before = pool_key(target, settings)
+    cfg.write_text("Host web\n  HostName 10.0.0.2\n  User ops\n")
+    import os
+    os.utime(cfg, ns=(1, 1))   # a new mtime for the config cache
+    assert pool_key(target, settings) != before
+    assert pool_key(HostTarget(name="web", host="web", use_ssh_config=False), settings) != before
 
 
 def test_take_gives_back_the_most_recent_live_connection(clock: Clock) -> None:
@@ -105,6 +126,31 @@ def test_take_gives_back_the_most_recent_live_connection(clock: Clock) -> None:
     assert pool.take("k", S) is None and a.closed and pool.dropped == 1
 
 
+def test_a_silent_connection_takes_the_others_kept_for_its_host_along(
+        clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cronium_fab.remote import pool as pool_mod
+
+    pool = pool_of(clock)
+    conns = [FakeConn(str(i)) for i in range(3)]
+    for c in conns:
+        pool.give("k", c)
+    other = FakeConn("other host")
+    pool.give("k2", other)
+    asked: list[str] = []
+    monkeypatch.setattr(pool_mod, "_answers", lambda conn, timeout: asked.append(conn.name) or False)
+    assert pool.take("k", S) is None
+    assert asked == ["2"] and all(c.closed for c in conns) and pool.dropped == 3   # one round trip, not three
+    assert not other.closed and len(pool) == 1
+
+
+def test_a_connection_marked_not_reusable_or_through_a_jump_host_is_closed_not_kept(clock: Clock) -> None:
+    pool = pool_of(clock)
+    marked, jumped = FakeConn("marked", reusable=False), FakeConn("jumped", gateway=object())
+    pool.give("k", marked)
+    pool.give("k", jumped)
+    assert marked.closed and jumped.closed and len(pool) == 0
+
+
 def test_idle_time_and_age_bound_reuse(clock: Clock) -> None:
     pool = pool_of(clock, idle_s=10, max_age_s=100)
     a = FakeConn("a")
@@ -120,6 +166,12 @@ def test_idle_time_and_age_bound_reuse(clock: Clock) -> None:
         if pool.take("k", S) is None:
             break
     assert b.closed and clock.now - 1000 - 11 >= 100      # ... but retired at its age
+    c = FakeConn("c")
+    pool.opened(c)
+    clock.now += 95
+    pool.give("k", c)                                     # kept at 95 s of age ...
+    clock.now += 6
+    assert pool.take("k", S) is None and c.closed         # ... too old when taken at 101 s
 
 
 def test_sweep_closes_expired_and_dead_connections_only(clock: Clock) -> None:

@@ -224,3 +224,39 @@ def test_connections_do_not_share_connect_kwargs(ssh_hosts, tmp_path):
     assert all("key_filename" not in c.connect_kwargs for c in conns)
     for c in conns:
         c.close()
+
+
+def test_a_global_request_returns_its_own_answer_even_when_a_key_exchange_wakes_it(ssh_hosts, tmp_path):
+    """Paramiko ends a global request's wait on one event that a completed key exchange also sets,
+    and then returns the previous answer. Here something sets that event over and over (as
+    re-keys would) while requests run: each must still get the server's answer to itself."""
+    import threading
+    import time
+
+    (host,) = ssh_hosts(1)
+    conn = open_connection(target(host), settings(tmp_path, "accept-new"))
+    transport = conn.transport
+    stop = threading.Event()
+
+    def spurious_wakeups() -> None:
+        while not stop.is_set():
+            event = transport.completion_event
+            if event is not None:
+                event.set()
+            time.sleep(0.0005)
+
+    waker = threading.Thread(target=spurious_wakeups, daemon=True)
+    waker.start()
+    try:
+        for _ in range(20):
+            port = transport.global_request("tcpip-forward", ("127.0.0.1", 0), wait=True)
+            assert port is not None                       # sshd grants it: a message with the port
+            allocated = port.get_int()
+            assert 1024 <= allocated <= 65535
+            # an unknown request: sshd answers FAILURE (None), never the port message above
+            assert transport.global_request("no-such-request@cronium", wait=True) is None
+            assert transport.global_request("cancel-tcpip-forward", ("127.0.0.1", allocated), wait=True) is not None
+    finally:
+        stop.set()
+        waker.join()
+        conn.close()
