@@ -18,7 +18,7 @@ shared 2-core machine falls on all of them alike; compare ratios, not seconds ac
   ``cronium-fab worker``; default settings (``--parallel`` 32), runner already cached on the hosts.
 - cronium-fab serve: the same event as a job of the queue (Cronium's path), run by a running
   ``cronium-fab serve`` with default settings, so with the hosts' connections kept from its previous
-  run (``--keep-connections`` 120 s): wall from the enqueue to the job's end as seen by polling its
+  run (``--keep-connections`` 300 s): wall from the enqueue to the job's end as seen by polling its
   row every 5 ms (serve looks for jobs every 20 ms here: SQLite has no NOTIFY; on PostgreSQL
   ``enqueue`` wakes it at once); controller CPU = the serve process's CPU over that window. The
   table says how many hosts' runs reused a connection.

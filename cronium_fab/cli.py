@@ -562,7 +562,7 @@ def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
         "drain_timeout": "on SIGTERM, seconds to let running jobs finish before cancelling them (default 60)",
         "parallel": "connections at once over all jobs (default 32, env CRONIUM_FAB_PARALLEL)",
         "keep_connections": "seconds a host's SSH connection stays open after a clean run, for the next run "
-                            "on it (default 120, env CRONIUM_FAB_KEEP_CONNECTIONS; 0: a new one every run)",
+                            "on it (default 300, env CRONIUM_FAB_KEEP_CONNECTIONS; 0: a new one every run)",
     },
 )
 @user_errors

@@ -33,7 +33,7 @@ from .jobqueue import (
     wakeups,
 )
 from .records import holds_lease, recover_lost_runs
-from .remote.pool import ConnectionPool
+from .remote.pool import ConnectionPool, max_idle_for_fds
 from .results import RunResult
 from .settings import Settings
 
@@ -48,8 +48,8 @@ class Worker:
         self.stopping = threading.Event()
         self.slots = threading.BoundedSemaphore(settings.parallel)
         # every job of this process shares the hosts' kept connections (remote/pool.py)
-        self.connections = (ConnectionPool(idle_s=settings.keep_connections) if settings.keep_connections > 0
-                            else None)
+        self.connections = (ConnectionPool(idle_s=settings.keep_connections, max_idle=max_idle_for_fds())
+                            if settings.keep_connections > 0 else None)
         self.active: dict[str, tuple[Future[None], Cancel]] = {}
         self._lock = threading.Lock()
 

@@ -21,7 +21,7 @@ HELPER_MODES = ("auto", "api", "bundled")
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TIMEOUT = 10.0
 KILL_GRACE = 5.0   # the runner's SIGTERM -> SIGKILL grace for a script's tree (header ``kill_grace``)
-KEEP_CONNECTIONS = 120.0   # serve: idle seconds a host's SSH connection is kept for its next run
+KEEP_CONNECTIONS = 300.0   # serve: idle seconds a host's SSH connection is kept for its next run
 
 
 def default_data_dir() -> Path:

@@ -215,3 +215,15 @@ def test_an_idle_connection_s_thread_polls_slowly_a_taken_one_at_paramiko_s_pace
     assert c.transport.sock.timeout == IDLE_POLL_S   # type: ignore[union-attr]
     assert pool.take("k", S) is c
     assert c.transport.sock.timeout == BUSY_POLL_S   # type: ignore[union-attr]
+
+
+def test_max_idle_fits_the_open_files_limit() -> None:
+    import subprocess
+    import sys
+
+    # in a child with a soft limit of 100 and a hard one of 200: raised to 200, half of it kept
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (100, 200));"
+            "from cronium_fab.remote.pool import max_idle_for_fds; n = max_idle_for_fds();"
+            "print(n, resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["100", "200"]
