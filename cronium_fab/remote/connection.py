@@ -332,6 +332,10 @@ class _Connection(fabric.Connection):
 
     def close(self) -> None:
         super().close()
+        # Fabric closes only a connection whose open() returned: one refused during authentication
+        # or the host key check keeps its Paramiko transport (a thread, a socket, an sshd session
+        # on the host) unless the client is closed too. SSHClient.close() is idempotent.
+        self.client.close()
         if isinstance(self.gateway, fabric.Connection):
             self.gateway.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import threading
 from pathlib import Path
 
 import paramiko
@@ -22,6 +23,7 @@ from cronium_fab.remote import (
     record_host_key,
 )
 from cronium_fab.testing.hosts import DevHost, DevHostPool, generate_keypair
+from cronium_fab.testing.procs import session_processes, wait_until
 from tests.remote.conftest import host_target
 
 pytestmark = pytest.mark.ssh
@@ -143,6 +145,37 @@ def test_wrong_key_is_auth_refused(ssh_hosts, tmp_path):
     with pytest.raises(AuthRefused) as e:
         open_connection(target(host, private_key=other_key), settings(tmp_path, "accept-new"))
     assert e.value.kind == "auth-refused" and host.name in str(e.value)
+
+
+def _transports_to(host: DevHost) -> list[paramiko.Transport]:
+    """Live Paramiko transports of this process to ``host`` (a closed one's socket is gone)."""
+    def port(t: paramiko.Transport) -> int | None:
+        try:
+            return t.getpeername()[1]
+        except OSError:
+            return None
+    return [t for t in threading.enumerate() if isinstance(t, paramiko.Transport) and t.is_alive()
+            and port(t) == host.port]
+
+
+@pytest.mark.parametrize("refusal", ["auth-refused", "host-key-unknown", "host-key-changed"])
+def test_a_refused_connection_leaves_no_transport_nor_sshd_session(ssh_hosts, tmp_path, refusal):
+    """A long-lived process (serve) that meets a refusal must not keep its transport: a thread,
+    a socket and an sshd session on the host per refused run."""
+    (host,) = ssh_hosts(1)
+    s = settings(tmp_path, "accept-new" if refusal == "auth-refused" else "strict")
+    key = None
+    if refusal == "auth-refused":
+        key, _ = generate_keypair("ed25519")
+    elif refusal == "host-key-changed":
+        _, other = generate_keypair("ed25519")
+        s.known_hosts_path.parent.mkdir(parents=True, exist_ok=True)
+        s.known_hosts_path.write_text(f"[{host.address}]:{host.port} {other}\n")
+    with pytest.raises((AuthRefused, HostKeyUnknown, HostKeyChanged)) as e:
+        open_connection(target(host, private_key=key), s)
+    assert e.value.kind == refusal
+    assert wait_until(lambda: not _transports_to(host), 5, 0.05), _transports_to(host)
+    assert wait_until(lambda: not session_processes(host), 5, 0.05), session_processes(host)
 
 
 def test_killed_host_is_unreachable_connection_refused(ssh_hosts, ssh_pool, tmp_path):

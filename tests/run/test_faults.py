@@ -88,7 +88,7 @@ def test_faults_in_a_row_through_serve_with_kept_connections(
         try:
             for fault in SERVE_SEQUENCE:
                 t = fm.run_trial(cell, fault)
-                assert t.ok, (fault, t)
+                assert t.ok, f"{fault}: wrong {t.wrong_state} left {t.leftovers} lost {t.lost_rows} hung {t.hung} rss {t.rss_over}"
             with cell.db.engine.connect() as conn:
                 metas = [m for (m,) in conn.execute(text("SELECT execution_metadata FROM executions"))]
             reused = sum(1 for m in metas if (json.loads(m) if isinstance(m, str) else m or {}).get("connection_reused"))
