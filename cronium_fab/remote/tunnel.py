@@ -79,6 +79,31 @@ def _close_quietly(obj: Any) -> None:
         obj.close()
 
 
+class _NoEvent:
+    """Stands in for a channel's pipe in its buffers while the channel closes."""
+
+    def set(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+_NO_EVENT: Any = _NoEvent()   # BufferedPipe.set_event() calls only set() and clear()
+
+
+def _close_selected_channel(chan: paramiko.Channel) -> None:
+    """Close a channel whose ``fileno()`` we selected on. Paramiko's ``Channel.close()`` closes the
+    pipe behind ``fileno()`` under the channel's lock, while its transport thread sets that pipe
+    from ``BufferedPipe.feed()`` under the buffer's lock: data arriving during the close wrote to a
+    closed (or already reused) fd, and the EBADF ended the whole transport. The buffers let go of
+    the pipe first, each under its own lock."""
+    with contextlib.suppress(Exception):
+        chan.in_buffer.set_event(_NO_EVENT)
+        chan.in_stderr_buffer.set_event(_NO_EVENT)
+    _close_quietly(chan)
+
+
 def _close_channel_async(chan: paramiko.Channel) -> None:
     """Close a channel from outside the transport thread (closing sends a message, and sending
     from the transport thread during a re-key would wait for itself)."""
@@ -626,7 +651,7 @@ class RemoteForward:
             with contextlib.suppress(Exception):
                 sel.unregister(relay.sock)
         _close_quietly(relay.sock)
-        _close_quietly(relay.chan)
+        _close_selected_channel(relay.chan)
 
 
 def open_remote_forward(

@@ -7,6 +7,7 @@ this process to 127.0.0.1:<remote_port>.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import http.server
@@ -250,6 +251,38 @@ def test_local_server_down_keeps_transport(ssh_hosts, connect):
         assert conn.transport.is_active()
         assert fwd.active
         assert exec_(conn, "echo alive")[1] == b"alive\n"
+
+
+def test_refused_channels_racing_their_data_keep_the_transport(ssh_hosts, connect):
+    """Closing a relayed channel closes the pipe behind its fileno() while Paramiko's transport
+    thread may be feeding it data: that race used to write to a closed fd, and EBADF killed the
+    whole connection (every run on it)."""
+    (host,) = ssh_hosts(1)
+    conn = connect(host)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead_port = s.getsockname()[1]
+    s.close()
+
+    def hammer(port: int, n: int) -> None:
+        for _ in range(n):
+            with contextlib.suppress(OSError):
+                c = socket.create_connection(("127.0.0.1", port), timeout=5)
+                with contextlib.suppress(OSError):
+                    for _ in range(20):   # data arriving while the channel is refused and closed
+                        c.sendall(b"x" * 512)
+                c.close()
+
+    with RemoteForward(conn, "127.0.0.1", dead_port) as fwd:
+        assert fwd.remote_port is not None
+        threads = [threading.Thread(target=hammer, args=(fwd.remote_port, 300)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert conn.transport.is_active()
+        assert fwd.channels_refused > 0
+    assert exec_(conn, "echo alive")[1] == b"alive\n"
 
 
 def test_foreign_handler_is_a_conflict(ssh_hosts, connect, http_server):
