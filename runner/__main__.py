@@ -4,11 +4,21 @@ A zipapp cannot cache bytecode, and compiling the runner on every start costs te
 So the compiled modules are kept in a private per-user cache, keyed by the archive's sha256 and the
 interpreter's cache tag: ``${XDG_CACHE_HOME:-$HOME/.cache}/cronium/code/<sha256>.<tag>`` (dir 0700,
 ignored unless owned by us and not writable by others). Without it, plain zipimport is used.
+The cache also holds this file's own code (key ``<main>``): the controller's bootstrap
+(``BOOT`` in cronium_fab/remote/runner_cache.py, same path and rules) runs it from there and hands
+over ``__cronium_code__`` = (sha256 it verified, the cache), so a warm run compiles nothing here.
 """
 import sys
 
 
+MAIN = "<main>"   # this file's code in the cache: not a module name, so never imported
+
+
 def _code_cache():
+    given = globals().get("__cronium_code__")   # from the bootstrap: the digest it checked, the cache
+    if given and isinstance(given[1], dict):
+        import os
+        return os.path.dirname(os.path.abspath(__file__)), given[0], given[1]
     try:   # the rule of cronium_runner.lite.sha256 (the archive is small: built-in, no hashlib import)
         if sys.version_info >= (3, 12):
             from _sha2 import sha256
@@ -43,6 +53,8 @@ def _code_cache():
                 if name.startswith("cronium_runner/") and name.endswith(".py") and name.count("/") == 1:
                     mod = name[:-3].replace("/", ".")
                     codes[mod] = compile(z.read(name), os.path.join(archive, name), "exec", dont_inherit=True)
+            codes[MAIN] = compile(z.read("__main__.py"), os.path.join(archive, "__main__.py"), "exec",
+                                  dont_inherit=True)
         try:
             os.makedirs(os.path.dirname(cdir), 0o700, exist_ok=True)
             os.makedirs(cdir, 0o700, exist_ok=True)

@@ -371,6 +371,67 @@ def test_a_warm_run_imports_nothing_heavy(any_py, pyz, tmp_path):
     assert not imported & HEAVY, (sorted(imported & HEAVY), err.decode())
 
 
+# --- the bootstrap runs __main__ from the private code cache -----------------------------------
+POISON = "import os; os.write(1, b'FROM-THE-CODE-CACHE'); os._exit(0)"
+
+
+def _warm_runner(any_py: str, pyz: str, tmp_path) -> tuple[str, dict, bytes, str]:
+    """A runner copy, its env and input, after one run that filled its code cache; and that file."""
+    runner = tmp_path / "runner.pyz"
+    shutil.copy(pyz, runner)
+    runner.chmod(0o600)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path))
+    p = payload("echo hi")
+    data = encode_input(header(p), p)
+    assert _boot_serve(any_py, str(runner), data, env)[0]["status"] == "success"
+    (cache,) = (tmp_path / "cache" / "cronium" / "code").iterdir()
+    return str(runner), env, data, str(cache)
+
+
+def _boot_stdout(any_py: str, runner: str, data: bytes, env: dict) -> bytes:
+    from cronium_fab.remote.runner_cache import BOOT
+
+    with open(runner, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    proc = subprocess.Popen([any_py, "-I", "-S", "-c", BOOT, runner, sha, "serve"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdin.write(data)
+    proc.stdin.flush()
+    return _read_all(proc, 60)[0]
+
+
+def _poison(any_py: str, cache: str) -> None:
+    """Swap the cached __main__ for code that says where it came from (with the target's own
+    interpreter: the marshal format is its own)."""
+    code = ("import marshal, sys\n"
+            "codes = marshal.loads(open(sys.argv[1], 'rb').read())\n"
+            "assert '<main>' in codes and 'cronium_runner.cli' in codes, sorted(codes)\n"
+            "codes['<main>'] = compile(sys.argv[2], 'poison', 'exec')\n"
+            "open(sys.argv[1], 'wb').write(marshal.dumps(codes))\n")
+    subprocess.run([any_py, "-I", "-S", "-c", code, cache, POISON], check=True)
+
+
+def test_a_warm_bootstrap_runs_main_from_the_code_cache(any_py, pyz, tmp_path):
+    runner, env, data, cache = _warm_runner(any_py, pyz, tmp_path)
+    _poison(any_py, cache)   # stands for "compiled code came from the cache, not from __main__.py"
+    assert _boot_stdout(any_py, runner, data, env) == b"FROM-THE-CODE-CACHE"
+
+
+def test_the_bootstrap_ignores_a_code_cache_others_can_write(any_py, pyz, tmp_path):
+    runner, env, data, cache = _warm_runner(any_py, pyz, tmp_path)
+    _poison(any_py, cache)
+    os.chmod(os.path.dirname(cache), 0o777)
+    out = _boot_stdout(any_py, runner, data, env)
+    assert b"FROM-THE-CODE-CACHE" not in out and decode(out)[2]["status"] == "success"
+
+
+def test_the_bootstrap_runs_through_a_broken_code_cache(any_py, pyz, tmp_path):
+    runner, env, data, cache = _warm_runner(any_py, pyz, tmp_path)
+    with open(cache, "wb") as f:
+        f.write(b"not marshal data")
+    assert decode(_boot_stdout(any_py, runner, data, env))[2]["status"] == "success"
+
+
 def _imports(stderr: bytes) -> set[str]:
     return {line.rsplit("|", 1)[1].strip() for line in stderr.decode().splitlines()
             if line.startswith("import time:") and "|" in line}
