@@ -68,6 +68,7 @@ from .records import (
     recover_lost_runs,
 )
 from .remote.connection import HostTarget, SSHSettings, connect, destination_problem, parse_destination
+from .remote.deadlines import closes_on_hang
 from .remote.errors import DEAD_PEER, NO_RUNNER, RemoteError
 from .remote.pool import ConnectionPool, pool_key
 from .remote.protocol import PROTOCOL
@@ -752,7 +753,7 @@ class EventRun:
             server_name=target.name, input=self.ctx.input, trigger=self.plan.trigger, started_at=started))
         fwd = RemoteForward(conn, "127.0.0.1", api.port, name=target.name)
         try:
-            with _closes_on_hang(conn, self.plan.settings.setup_timeout):
+            with closes_on_hang(conn, self.plan.settings.setup_timeout):
                 fwd.open()
         except RemoteError as exc:
             api.unregister(res.execution_id)
@@ -771,7 +772,7 @@ class EventRun:
         try:
             yield {"endpoint": f"http://127.0.0.1:{fwd.remote_port}", "token": token}
         finally:
-            with _closes_on_hang(conn, 10.0):
+            with closes_on_hang(conn, 10.0):
                 fwd.close()
             if not fwd.cancelled:
                 conn.close()   # the server may still listen for this run: the connection serves no other
@@ -805,21 +806,6 @@ class EventRun:
         # API mode: the API stored every variable the moment the script set it; never twice
         self.recorder.host_finished(res, phases=phases or {}, user_id=self.plan.event.user_id,
                                     write_variables=res.helper_mode == "bundled", deployment=deployment)
-
-
-@contextmanager
-def _closes_on_hang(conn: Any, seconds: float) -> Iterator[None]:
-    """Bound a blocking SSH global request (port forward open/cancel): Paramiko waits for the
-    reply as long as the transport lives, and keepalives do not kill a frozen peer. Closing the
-    connection after ``seconds`` ends the wait (the request then fails like a dead connection)."""
-    timer = threading.Timer(seconds, conn.close)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        timer.join()   # had it fired, the connection is closed now, not later (it may be kept for another run)
 
 
 def _merge_api_state(res: HostResult, state: HelperState) -> None:

@@ -55,6 +55,7 @@ from typing import Any
 
 from ..settings import KEEP_CONNECTIONS
 from .connection import HostTarget, SSHSettings, _ssh_config
+from .deadlines import closes_on_hang
 from .known_hosts import host_entry_name
 from .tunnel import global_request_lock
 
@@ -269,20 +270,14 @@ def _host_key_still_known(conn: Any, settings: SSHSettings) -> bool:
 
 def _answers(conn: Any, timeout: float) -> bool:
     """One round trip: a global request the server must answer (OpenSSH answers an unknown one
-    with a failure). Paramiko waits for the answer as long as the transport lives, so a timer
-    closes the connection after ``timeout`` s (then the wait ends and the connection is dead)."""
+    with a failure), bounded by ``timeout`` s (remote/deadlines.py)."""
     transport = conn.transport
-    timer = threading.Timer(timeout, _close, args=(conn,))
-    timer.daemon = True
-    timer.start()
     try:
-        with global_request_lock(transport):
+        # had it fired, the connection is closed when the block ends: never hand out one closing
+        with closes_on_hang(conn, timeout), global_request_lock(transport):
             transport.global_request("keepalive@openssh.com", wait=True)
     except Exception:   # noqa: BLE001 - a dead connection
         return False
-    finally:
-        timer.cancel()
-        timer.join()     # had it fired, the connection is closed by now: never hand out one closing
     return transport.is_active()
 
 
