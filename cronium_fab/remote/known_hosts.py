@@ -12,12 +12,14 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import paramiko
+from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 
 _lock = threading.Lock()
 
@@ -32,16 +34,64 @@ def host_entry_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+class _Indexed:
+    """One known_hosts file's keys by host name. Paramiko's ``HostKeys`` compares a name with every
+    entry on each lookup (HMACing it against every hashed one) and every line with all before it
+    on load, so a fleet run cost O(hosts x entries): 0.3 ms a lookup at 1,000 entries, 1.6 s of CPU
+    to look up each of 3,000 hosts once. Here plain names come from a dict; hashed entries are tried
+    one by one, once per name, and the answer is kept (the file is read again when it changes)."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self._entries: list[HostKeyEntry] = []
+        self._names: dict[str, list[int]] = {}
+        self._hashed: list[int] = []
+        for lineno, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                entry = HostKeyEntry.from_line(line, lineno)
+            except (paramiko.SSHException, InvalidHostKey, ValueError):
+                continue   # a key type Paramiko does not know, a broken key: skipped, as OpenSSH does
+            if entry is None or entry.key is None:
+                continue
+            pos = len(self._entries)
+            self._entries.append(entry)
+            for h in entry.hostnames:
+                self._names.setdefault(h, []).append(pos)
+            if any(h.startswith("|1|") for h in entry.hostnames):
+                self._hashed.append(pos)
+        self._found: dict[str, dict[str, paramiko.PKey]] = {}
+
+    def _hashed_match(self, name: str, entry: HostKeyEntry) -> bool:
+        return any(h.startswith("|1|") and hmac.compare_digest(paramiko.HostKeys.hash_host(name, h), h)
+                   for h in entry.hostnames)
+
+    def lookup(self, name: str) -> dict[str, paramiko.PKey]:
+        """Every key for ``name`` by key type, the first entry of a type winning (Paramiko's rule)."""
+        found = self._found.get(name)
+        if found is None:
+            positions = set(self._names.get(name, ()))
+            if not name.startswith("|1|"):
+                positions.update(p for p in self._hashed if self._hashed_match(name, self._entries[p]))
+            found = {}
+            for pos in sorted(positions):
+                key = self._entries[pos].key
+                found.setdefault(key.get_name(), key)
+            self._found[name] = found
+        return dict(found)
+
+
 class KnownHostsStore:
     """Our writable known_hosts file plus read-only extra files (``~/.ssh/known_hosts``)."""
 
     def __init__(self, path: Path, extra: Sequence[Path] = ()) -> None:
         self.path = Path(path).expanduser()
         self.extra = [Path(p).expanduser() for p in extra]
-        self._cache: dict[Path, tuple[tuple[int, int], paramiko.HostKeys]] = {}
+        self._cache: dict[Path, tuple[tuple[int, int], _Indexed]] = {}
         self._cache_lock = threading.Lock()
 
-    def _load(self, path: Path) -> paramiko.HostKeys | None:
+    def _load(self, path: Path) -> _Indexed | None:
         try:
             st = path.stat()
         except OSError:
@@ -51,24 +101,24 @@ class KnownHostsStore:
             cached = self._cache.get(path)
             if cached and cached[0] == stamp:
                 return cached[1]
-        hk = paramiko.HostKeys()
-        with contextlib.suppress(OSError, paramiko.SSHException):
-            hk.load(str(path))
+        try:   # a line that is not UTF-8 fails to parse and is skipped, as a malformed one is
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                indexed = _Indexed(f)
+        except OSError:
+            indexed = _Indexed(())
         with self._cache_lock:
-            self._cache[path] = (stamp, hk)
-        return hk
+            self._cache[path] = (stamp, indexed)
+        return indexed
 
     def lookup(self, name: str) -> dict[str, paramiko.PKey]:
         """Every known key for the known_hosts name (``host`` or ``[host]:port``), by key type."""
         found: dict[str, paramiko.PKey] = {}
         for path in [self.path, *self.extra]:
-            hk = self._load(path)
-            if hk is None:
+            indexed = self._load(path)
+            if indexed is None:
                 continue
-            entry = hk.lookup(name)
-            if entry:
-                for key_type, key in entry.items():
-                    found.setdefault(key_type, key)
+            for key_type, key in indexed.lookup(name).items():
+                found.setdefault(key_type, key)
         return found
 
     @contextlib.contextmanager
