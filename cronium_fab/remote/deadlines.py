@@ -66,8 +66,9 @@ class Deadlines:
             with self._cv:
                 if watch.state == _PENDING:
                     watch.state = _DONE
-                    self._heap.remove(item)
-                    heapq.heapify(self._heap)
+                    if item in self._heap:   # not after a fork inside the block: the child's heap is new
+                        self._heap.remove(item)
+                        heapq.heapify(self._heap)
                 done = watch.done
             if done is not None:
                 done.wait()

@@ -74,9 +74,31 @@ def test_a_forked_child_gets_its_own_timer() -> None:
     with deadlines._DEADLINES.guard(30, lambda: None):   # the parent's timer thread runs, its lock in use
         pid = os.fork()
         if pid == 0:   # pragma: no cover - the child
-            ok = threading.Event()
-            with deadlines._DEADLINES.guard(0.01, ok.set):
-                code = 0 if ok.wait(5) else 1
-            os._exit(code)
+            code = 1
+            try:
+                ok = threading.Event()
+                with deadlines._DEADLINES.guard(0.01, ok.set):
+                    code = 0 if ok.wait(5) else 1
+            finally:
+                os._exit(code)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_block_entered_before_a_fork_ends_cleanly_in_the_child() -> None:
+    from cronium_fab.remote import deadlines
+
+    block = deadlines._DEADLINES.guard(30, lambda: None)
+    block.__enter__()
+    pid = os.fork()
+    if pid == 0:   # pragma: no cover - the child leaves the block its parent entered
+        code = 1
+        try:
+            block.__exit__(None, None, None)
+            code = 0
+        finally:
+            os._exit(code)
+    block.__exit__(None, None, None)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(deadlines._DEADLINES) == 0
