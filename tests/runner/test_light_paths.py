@@ -376,8 +376,12 @@ POISON = "import os; os.write(1, b'FROM-THE-CODE-CACHE'); os._exit(0)"
 
 
 def _warm_runner(any_py: str, pyz: str, tmp_path) -> tuple[str, dict, bytes, str]:
-    """A runner copy, its env and input, after one run that filled its code cache; and that file."""
-    runner = tmp_path / "runner.pyz"
+    """A runner installed where the bootstrap command puts it, its env and input, after one run
+    that filled its code cache; and that file."""
+    with open(pyz, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    (tmp_path / "cache" / "cronium").mkdir(parents=True, mode=0o700)
+    runner = tmp_path / "cache" / "cronium" / f"runner-{sha}.pyz"
     shutil.copy(pyz, runner)
     runner.chmod(0o600)
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(tmp_path))
