@@ -166,3 +166,46 @@ def test_a_frozen_process_cannot_hold_postgresql_row_locks_for_ever(db: Database
     and every other worker's reapers skip locked rows: PostgreSQL ends such a session."""
     with db.engine.connect() as conn:
         assert conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == "30s"
+
+
+def test_json_columns_round_trip_and_are_jsonb_on_postgresql(db: Database) -> None:
+    """Cronium's JSON columns (``jsonb`` on PostgreSQL) keep nested values, and a key of one can be
+    read in SQL (``->>`` / ``json_extract``), on every database."""
+    from cronium_fab.db.models import Job
+    from cronium_fab.testing.factories import add_user
+
+    add_user(db)
+    ev = add_event(db, servers=[add_server(db)])
+    payload = {"input": {"n": 1, "l": [1, "é", None], "deep": {"ok": True}}, "script": {"type": "BASH"}}
+    with db.session() as s:
+        s.add(Job(id="job_json", event_id=ev, user_id="u1", type="SCRIPT", payload=payload, result={"status": "ok"}))
+    with db.session() as s:
+        job = s.get(Job, "job_json")
+        assert job is not None and job.payload == payload and job.metadata_ == {}
+        assert s.scalars(select(Job.result["status"].as_string()).where(Job.id == "job_json")).one() == "ok"
+    if db.dialect == "postgresql":
+        with db.engine.connect() as c:
+            types = set(c.execute(text(
+                "SELECT data_type FROM information_schema.columns WHERE table_name = 'jobs' "
+                "AND table_schema = current_schema() AND column_name IN ('payload', 'result', 'metadata')")).scalars())
+        assert types == {"jsonb"}
+
+
+def test_a_run_on_sqlite_does_not_load_the_postgresql_dialect(tmp_path: Path) -> None:
+    """The embedded database's start-up stays light: SQLite never imports SQLAlchemy's PostgreSQL
+    dialect (the JSON columns pick ``jsonb`` only when a PostgreSQL engine asks)."""
+    code = (
+        "import sys\n"
+        "from cronium_fab.db.engine import Database\n"
+        "from cronium_fab.db.queries import resolve_event\n"
+        "from cronium_fab.records import RunRecorder\n"
+        "from cronium_fab.testing.factories import add_event, add_server\n"
+        f"db = Database('sqlite:///{tmp_path / 'c.db'}'); db.init()\n"
+        "ev = add_event(db, servers=[add_server(db)])\n"
+        "with db.session() as s: resolve_event(s, ev)\n"
+        "ctx = RunRecorder(db).start(event_id=ev, event_name='ev', event_type='BASH', user_id='u1', job_id=None,"
+        " input_data={'x': 1})\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sqlalchemy.dialects.postgresql')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
