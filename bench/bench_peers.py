@@ -28,6 +28,12 @@ Every tool checks host keys against the hosts' real keys (OpenSSH/Ansible: a kno
 ``ssh_known_hosts_file`` + ``ssh_strict_host_key_checking``; cronium-fab: its strict store), and
 every tool but ``serve`` opens fresh connections every run (no ControlMaster).
 
+``--rtt MS`` puts a network round trip in front of every host, for every tool alike (a relay in its
+own process, ``bench/latency.py``: this kernel has no ``netem``); ``--parallel N`` sets our tools'
+``CRONIUM_FAB_PARALLEL`` (the peers keep their defaults: Fabric all hosts at once, pyinfra 20 per
+core, Ansible forks = hosts). Our package is byte-compiled first, as installing it does (the peers'
+venv is): an editable checkout under ``PYTHONDONTWRITEBYTECODE`` would compile it at every run.
+
 The peers (fabric, pyinfra, ansible-core) are installed from the package registry into a scratch
 venv under the bench's temp dir, never into the project's venv (``--peers-venv DIR`` reuses one).
 The hosts and the temp dir are removed on exit, on Ctrl-C and on SIGTERM.
@@ -53,12 +59,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import latency  # noqa: E402  (bench/, beside this file)
 
 from cronium_fab.build import build_runner  # noqa: E402
 from cronium_fab.testing.hosts import DevHost, DevHostPool  # noqa: E402
@@ -498,6 +506,16 @@ def print_runner_cpu(rows: list[tuple[str, float, float]], n: int) -> None:
 
 
 # --- main ------------------------------------------------------------------------------------
+def compile_ours() -> None:
+    """Byte-compile cronium_fab as installing it does: pip compiles a wheel's modules, and the
+    peers' venv was installed so, but this checkout is an editable install whose modules are
+    compiled on first import, never if PYTHONDONTWRITEBYTECODE is set (as on these machines,
+    where every CLI run then compiled ~30 modules from source: ~0.1 s of CPU)."""
+    import compileall
+    if not compileall.compile_dir(str(ROOT / "cronium_fab"), quiet=1, workers=1):
+        raise SystemExit("compileall cronium_fab failed")
+
+
 def _stop_on_signals() -> None:
     def handler(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -521,6 +539,10 @@ def main() -> None:
     ap.add_argument("--runner-cpu-only", action="store_true", help="only the runner CPU measurement")
     ap.add_argument("--runner-revs", help="git revisions whose runner (and bootstrap) is measured too (comma-separated)")
     ap.add_argument("--ready-timeout", type=float, default=180.0)
+    ap.add_argument("--rtt", type=float, default=0.0,
+                    help="network round trip in ms put in front of every host for every tool (bench/latency.py)")
+    ap.add_argument("--parallel", type=int, default=0,
+                    help="CRONIUM_FAB_PARALLEL for our tools (0: our default); the peers keep theirs")
     args = ap.parse_args()
     sizes = sorted(int(x) for x in args.hosts.split(","))
     works = [w for w in args.works.split(",") if w]
@@ -535,6 +557,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cfab-peers-"))
     pool: DevHostPool | None = None
     worker: subprocess.Popen[bytes] | None = None
+    relay: subprocess.Popen[bytes] | None = None
     serving: list[subprocess.Popen[bytes]] = []
     reused: dict[tuple[int, str], list[int]] = {}
     try:
@@ -570,6 +593,11 @@ def main() -> None:
         all_hosts = pool.add_hosts(max(sizes), ready_timeout=args.ready_timeout)
         print(f"# {len(all_hosts)} local sshd hosts up in {time.monotonic() - t0:.1f} s; {args.rounds} rounds; "
               f"{os.cpu_count()} cores", flush=True)
+        if args.rtt:   # every tool connects through the relay, so every tool pays the same round trips
+            relay, ports = latency.start(args.rtt, [(h.address, h.port) for h in all_hosts])
+            all_hosts = [replace(h, port=p) for h, p in zip(all_hosts, ports, strict=True)]
+            print(f"# every host behind a relay of {args.rtt:g} ms round trip (bench/latency.py)", flush=True)
+        compile_ours()
         known = tmp / "ssh_known_hosts"
         known.write_text("".join(h.known_hosts_line() + "\n" for h in all_hosts))
         sock = tmp / "w.sock"
@@ -580,6 +608,8 @@ def main() -> None:
             sub = tmp / f"n{n}"
             sub.mkdir()
             ours = setup_ours(sub, hosts, keys, art.path, sock)
+            if args.parallel:
+                ours.env["CRONIUM_FAB_PARALLEL"] = str(args.parallel)
             if worker is None and "worker" in tools:
                 worker = start_worker(ours.env, tmp / "worker.log")
             serve = start_serve(ours.env, sub / "serve.log") if "serve" in tools else None
@@ -640,11 +670,14 @@ def main() -> None:
             print_tables(results, [s for s in sizes if s <= n], works, tools, reused)
         print("\n# final")
         print_tables(results, sizes, works, tools, reused)
+        if relay is not None:
+            print(f"\n# the latency relay used {process_cpu(relay.pid):.1f} s of CPU over the whole bench "
+                  f"(a load on the same 2 cores for every tool alike)")
     except KeyboardInterrupt as e:
         print(f"\n# interrupted ({e or 'Ctrl-C'}): cleaning up", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        for proc in ([worker] if worker is not None else []) + serving:
+        for proc in ([worker] if worker is not None else []) + ([relay] if relay is not None else []) + serving:
             if proc.poll() is None:
                 proc.terminate()
                 try:
