@@ -225,7 +225,7 @@ def events(c: Any) -> None:
 # Flags of every command that runs an event (run-event, rerun).
 RUN_HELP = {
     "json": "print one JSON document with the aggregate result on stdout",
-    "parallel": "how many hosts at once (default 32, env CRONIUM_FAB_PARALLEL)",
+    "parallel": "how many hosts at once (default 128, env CRONIUM_FAB_PARALLEL)",
     "helper_mode": "auto | api | bundled (default auto, env CRONIUM_FAB_HELPER_MODE)",
     "host_key_policy": "strict (unknown hosts refused) | accept-new (first key recorded)",
     "timeout": "override the event's timeout: seconds (> 0)",
@@ -560,7 +560,7 @@ def _host_and_port(settings: Settings, value: str) -> tuple[str, int]:
         "lease": "seconds a claim lives without a heartbeat (default 30): a killed worker's jobs go to others then",
         "poll": "seconds between looks for jobs Cronium's app wrote (default 1; enqueue wakes workers at once)",
         "drain_timeout": "on SIGTERM, seconds to let running jobs finish before cancelling them (default 60)",
-        "parallel": "connections at once over all jobs (default 32, env CRONIUM_FAB_PARALLEL)",
+        "parallel": "connections at once over all jobs (default 128, env CRONIUM_FAB_PARALLEL)",
         "keep_connections": "seconds a host's SSH connection stays open after a clean run, for the next run "
                             "on it (default 300, env CRONIUM_FAB_KEEP_CONNECTIONS; 0: a new one every run)",
     },

@@ -70,7 +70,7 @@ from .records import (
 from .remote.connection import HostTarget, SSHSettings, connect, destination_problem, parse_destination
 from .remote.deadlines import closes_on_hang
 from .remote.errors import DEAD_PEER, NO_RUNNER, RemoteError
-from .remote.pool import ConnectionPool, pool_key
+from .remote.pool import FDS_PER_HOST, ConnectionPool, hosts_at_once_for_fds, pool_key
 from .remote.protocol import PROTOCOL
 from .remote.runner_cache import runner_file_name
 from .remote.session import Heartbeat, HostRun, probe_host, run_on_host
@@ -402,7 +402,7 @@ def plan_fleet(settings: Settings, request: RunRequest, *, cancel: threading.Eve
             return
         c.ready = True
 
-    parallel = max(1, min(request.parallel or settings.parallel, len(r.targets)))
+    parallel = hosts_at_once_for_fds(max(1, min(request.parallel or settings.parallel, len(r.targets))))
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cronium-plan") as pool:
         list(pool.map(check, range(len(r.targets))))
     return FleetPlan(event_id=r.event.id, event_name=r.event.name, event_type=r.event.type, payload=payload,
@@ -573,7 +573,11 @@ class EventRun:
     def _run_hosts(self) -> None:
         plan = self.plan
         biggest = max((len(b) for b in plan.batches), default=1)
-        parallel = max(1, min(plan.request.parallel or plan.settings.parallel, biggest))
+        wanted = max(1, min(plan.request.parallel or plan.settings.parallel, biggest))
+        parallel = hosts_at_once_for_fds(wanted)
+        if parallel < wanted:
+            self.printer.message(f"{parallel} hosts at once, not {wanted}: that is what this process's open files "
+                                 f"limit allows ({FDS_PER_HOST} per host); raise it (ulimit -n) for more")
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cronium-host") as pool:
             for number, batch in enumerate(plan.batches, 1):
                 if self._stop_starting():

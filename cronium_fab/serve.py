@@ -33,7 +33,7 @@ from .jobqueue import (
     wakeups,
 )
 from .records import holds_lease, recover_lost_runs
-from .remote.pool import ConnectionPool, max_idle_for_fds
+from .remote.pool import ConnectionPool, hosts_at_once_for_fds, max_idle_for_fds
 from .results import RunResult
 from .settings import Settings
 
@@ -46,7 +46,8 @@ class Worker:
         self.settings, self.qs, self.out = settings, replace(qs, silence_s=settings.heartbeat_timeout), out
         self.db = Database(settings.database_url)
         self.stopping = threading.Event()
-        self.slots = threading.BoundedSemaphore(settings.parallel)
+        self.parallel = hosts_at_once_for_fds(settings.parallel)   # connections at once, over all jobs
+        self.slots = threading.BoundedSemaphore(self.parallel)
         # every job of this process shares the hosts' kept connections (remote/pool.py)
         self.connections = (ConnectionPool(idle_s=settings.keep_connections, max_idle=max_idle_for_fds())
                             if settings.keep_connections > 0 else None)
@@ -70,7 +71,7 @@ class Worker:
                 self.say(f"took back {len(orphans)} job(s) left by this worker id before: {', '.join(orphans)}")
             keep = (f", idle connections kept {self.settings.keep_connections:g} s" if self.connections is not None
                     else ", no connection kept between runs")
-            self.say(f"serving ({self.qs.jobs} job(s) at once, {self.settings.parallel} connections{keep})")
+            self.say(f"serving ({self.qs.jobs} job(s) at once, {self.parallel} connections{keep})")
             with ThreadPoolExecutor(max_workers=self.qs.jobs, thread_name_prefix="cronium-job") as pool, \
                     wakeups(self.db) as wait:
                 next_reap = 0.0

@@ -75,10 +75,9 @@ BUSY_POLL_S = 0.1
 _KEY_SECRET = secrets.token_bytes(32)   # this process's: pool keys mean nothing outside it
 
 
-def max_idle_for_fds() -> int:
-    """``MAX_IDLE``, or half the open files this process may have if that is less (each kept
-    connection holds a socket; the runs and the database need the rest). Raises the soft limit
-    to the hard one first, as servers holding many connections do."""
+def open_files_limit() -> int | None:
+    """This process's soft limit of open files (None: unlimited), after raising it to the hard
+    one, as servers holding many connections do."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -87,7 +86,25 @@ def max_idle_for_fds() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
             soft = want
-    return MAX_IDLE if soft == resource.RLIM_INFINITY else max(1, min(MAX_IDLE, soft // 2))
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def max_idle_for_fds() -> int:
+    """``MAX_IDLE``, or half the open files this process may have if that is less (each kept
+    connection holds a socket; the runs and the database need the rest)."""
+    soft = open_files_limit()
+    return MAX_IDLE if soft is None else max(1, min(MAX_IDLE, soft // 2))
+
+
+FDS_PER_HOST = 6     # a host in flight: its socket, its session channel's pipe, a helper call's channel and socket
+FDS_RESERVED = 64    # the database, the logs, the runner and payload files, the interpreter's own
+
+
+def hosts_at_once_for_fds(parallel: int) -> int:
+    """``parallel``, or as many hosts at once as the open files limit allows if that is fewer
+    (past it, hosts would fail with "Too many open files")."""
+    soft = open_files_limit()
+    return parallel if soft is None else max(1, min(parallel, (soft - FDS_RESERVED) // FDS_PER_HOST))
 
 
 def pool_key(target: HostTarget, settings: SSHSettings) -> str:

@@ -227,3 +227,15 @@ def test_max_idle_fits_the_open_files_limit() -> None:
             "print(n, resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["100", "200"]
+
+
+def test_hosts_at_once_fit_the_open_files_limit() -> None:
+    import subprocess
+    import sys
+
+    # soft 100, hard 200: raised to 200; 64 kept back, 6 per host: 22 hosts at once at most
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (100, 200));"
+            "from cronium_fab.remote.pool import hosts_at_once_for_fds as f;"
+            "print(f(128), f(10), f(1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["22", "10", "1"]

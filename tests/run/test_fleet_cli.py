@@ -242,3 +242,22 @@ def test_plan_checks_every_host_and_runs_nothing(fleet: Fleet, ssh_hosts, tmp_pa
     assert _rows(fleet) == before and not (tmp_path / "never").exists()
     with fleet.db.session() as s:
         assert s.scalar(sql_select(func.count()).select_from(RunnerPayload)) == 1
+
+
+def test_hosts_at_once_fit_the_open_files_limit(fleet: Fleet, ssh_hosts) -> None:  # type: ignore[no-untyped-def]
+    """Under a low open files limit the run takes fewer hosts at once, says so, and every host
+    still succeeds (instead of hosts failing with "Too many open files")."""
+    import resource
+
+    hosts = ssh_hosts(4)
+    ev = fleet.event(hosts, "echo ok")
+
+    def low_limit() -> None:   # 64 reserved + 6 per host: room for 2 hosts at once
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64 + 2 * 6 + 5, 64 + 2 * 6 + 5))
+
+    r = subprocess.run([sys.executable, "-m", "cronium_fab", "run-event", "--id", str(ev), "--parallel", "4"],
+                       env=dict(fleet.env(), CRONIUM_FAB_WORKER="off"), capture_output=True, text=True, cwd=ROOT,
+                       timeout=180, preexec_fn=low_limit)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 hosts at once, not 4" in r.stderr
+    assert "SUCCESS: 4/4 hosts succeeded" in r.stderr
