@@ -402,7 +402,7 @@ def plan_fleet(settings: Settings, request: RunRequest, *, cancel: threading.Eve
             return
         c.ready = True
 
-    parallel = hosts_at_once_for_fds(max(1, min(request.parallel or settings.parallel, len(r.targets))))
+    parallel = hosts_at_once_for_fds(_wanted_at_once(request, settings, len(r.targets)))
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cronium-plan") as pool:
         list(pool.map(check, range(len(r.targets))))
     return FleetPlan(event_id=r.event.id, event_name=r.event.name, event_type=r.event.type, payload=payload,
@@ -500,6 +500,11 @@ def run_event(settings: Settings, request: RunRequest, *, out: IO[str] | None = 
             db.dispose()
 
 
+def _wanted_at_once(request: RunRequest, settings: Settings, hosts: int) -> int:
+    """Hosts at once as asked (``--parallel``, else the settings), never more than there are."""
+    return max(1, min(request.parallel or settings.parallel, hosts))
+
+
 class EventRun:
     """The state of one run, shared by the host workers (each host only touches its own HostResult)."""
 
@@ -573,7 +578,7 @@ class EventRun:
     def _run_hosts(self) -> None:
         plan = self.plan
         biggest = max((len(b) for b in plan.batches), default=1)
-        wanted = max(1, min(plan.request.parallel or plan.settings.parallel, biggest))
+        wanted = _wanted_at_once(plan.request, plan.settings, biggest)
         parallel = hosts_at_once_for_fds(wanted)
         if parallel < wanted:
             self.printer.message(f"{parallel} hosts at once, not {wanted}: that is what this process's open files "
