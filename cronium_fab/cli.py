@@ -308,8 +308,13 @@ def _execute(settings: Settings, request: Any, flags: dict[str, Any]) -> None:
         result = plan_fleet(settings, request)
         print(result.text(), file=sys.stderr)
     else:
+        from .remote.pool import process_pool
+
         live = not json and not quiet and _stderr_is_a_terminal()
-        result = execute_run_event(settings, request, out=None if quiet else sys.stderr, live_status=live)
+        # served by a worker's run process: its connections from earlier commands (docs/WORKER.md)
+        kept = process_pool() if settings.keep_connections > 0 else None
+        result = execute_run_event(settings, request, out=None if quiet else sys.stderr, live_status=live,
+                                   connections=kept)
         if quiet:
             from .results import summary_table
 
@@ -689,7 +694,8 @@ def worker(c: Any, socket: str | None = None) -> None:
     from .worker import ServedProgram, serve
 
     program = ServedProgram(main=main, commands=frozenset(build_namespace().task_names), preload=WORKER_PRELOAD,
-                            import_check=("cronium_fab.cli", "cronium_fab.worker"))
+                            import_check=("cronium_fab.cli", "cronium_fab.worker"),
+                            keep_s=_settings().keep_connections)
     code = serve(socket, program, fingerprint=startup_fingerprint())
     if code:
         raise Exit(code=code)

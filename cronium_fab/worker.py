@@ -8,7 +8,14 @@ the same code, then forks: the child takes the client's stdin/stdout/stderr, arg
 working directory and umask, and runs the command exactly as the client would have, in its own
 session. The client forwards its signals; if the client goes away, the child cancels the run as on
 SIGTERM. The worker itself never opens a database or SSH connection (the children do, after the
-fork), so nothing is shared between runs.
+fork).
+
+Kept connections: a Paramiko transport does not survive a fork, so a fork that ran a command
+cleanly and holds SSH connections kept for the next run (``remote/pool.py``) stays, its stdio, directory and
+environment dropped, and tells the worker it is free; the worker hands it the next client's
+socket (``SCM_RIGHTS``) instead of forking, for up to ``keep_s`` idle seconds. One command at a
+time per process; each command still gets its caller's stdio, directory, umask, environment and
+argv, and its own database connection.
 
 Stop it with SIGTERM or SIGINT: it stops accepting at once; runs in progress finish (they belong to
 their clients). See docs/WORKER.md.
@@ -38,6 +45,7 @@ import setproctitle
 
 from .errors import EXIT_INTERNAL, ConfigError
 from .paths import socket_path
+from .remote.pool import keep_in_this_process, process_pool
 from .signals import STOP_SIGNALS, catch_stop_signals, restore_signals
 from .wire import (
     PROTOCOL,
@@ -50,6 +58,8 @@ from .wire import (
 )
 
 CODE_CHECK_INTERVAL = 2.0   # seconds between looks at the code on disk (upgrade -> restart)
+KEPT_IDLE_MAX = 8           # run processes waiting with kept connections at most (the oldest go first)
+KEPT_MAX_AGE = 900.0        # no run process takes a new command after this long from its fork
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,17 @@ class ServedProgram:
     commands: frozenset[str]
     preload: tuple[str, ...] = ()
     import_check: tuple[str, ...] = ()
+    # idle seconds a run process that holds kept SSH connections waits for another command (0: one
+    # fork per command, no connection outlives its command)
+    keep_s: float = 0.0
+
+
+@dataclass
+class _Kept:
+    """A run process that may take another command: its end of our control socket pair."""
+    ctl: socket.socket
+    born: float
+    idle_since: float | None = None    # None: running a command
 
 
 class Worker:
@@ -73,6 +94,7 @@ class Worker:
         # the code this process runs, taken before the imports by the entry point
         self.fingerprint = fingerprint
         self.children: set[int] = set()
+        self.kept: dict[int, _Kept] = {}   # run processes that may serve again, by pid
         self.commands = program.commands
         self.stopping = False
         self._lock_fd = -1
@@ -138,6 +160,8 @@ class Worker:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        for pid in list(self.kept):   # kept run processes end (busy ones after their command)
+            self._retire(pid)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -161,10 +185,16 @@ class Worker:
         watch, next_check = CodeWatch(self.fingerprint), time.monotonic() + CODE_CHECK_INTERVAL
         try:
             while not self.stopping:
+                ctls = {k.ctl: pid for pid, k in self.kept.items()}
                 try:
-                    ready, _, _ = select.select([self._listener], [], [], 0.5)
+                    ready, _, _ = select.select([self._listener, *ctls], [], [], 0.5)
                 except InterruptedError:
                     ready = []
+                for sock in ready:
+                    if sock in ctls:
+                        self._from_kept(ctls[sock])
+                ready = [sock for sock in ready if sock is self._listener]
+                self._retire_idle()
                 self._reap()
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + CODE_CHECK_INTERVAL
@@ -210,44 +240,142 @@ class Worker:
                 return
             if pid == 0:
                 return
+            if pid in self.kept:
+                self._retire(pid)
             if pid in self.children:
                 self.children.discard(pid)
                 code = os.waitstatus_to_exitcode(status)
                 self.log(f"run {pid} ended: " + (f"exit {code}" if code >= 0 else f"killed by signal {-code}"))
 
+    # -- run processes kept with their connections ----------------------------------------------
+
+    def _from_kept(self, pid: int) -> None:
+        """A kept run process wrote: it is free for another command, or it ended (EOF)."""
+        k = self.kept[pid]
+        try:
+            word = k.ctl.recv(64)
+        except OSError:
+            word = b""
+        if not word:
+            self._retire(pid)
+        else:
+            k.idle_since = time.monotonic()
+
+    def _retire(self, pid: int) -> None:
+        """Closing its control socket ends an idle run process (a busy one, after its command)."""
+        k = self.kept.pop(pid, None)
+        if k is not None:
+            k.ctl.close()
+
+    def _retire_idle(self) -> None:
+        now = time.monotonic()
+        idle = sorted((k.idle_since, pid) for pid, k in self.kept.items() if k.idle_since is not None)
+        for n, (since, pid) in enumerate(idle):
+            if (now - since > self.program.keep_s or now - self.kept[pid].born > KEPT_MAX_AGE
+                    or n < len(idle) - KEPT_IDLE_MAX):
+                self._retire(pid)
+
+    def _hand_to_kept(self, conn: socket.socket) -> bool:
+        """Give the client to the run process that became free last, if any is."""
+        while True:
+            idle = [(k.idle_since, pid) for pid, k in self.kept.items() if k.idle_since is not None]
+            if not idle:
+                return False
+            pid = max(idle)[1]
+            k = self.kept[pid]
+            try:
+                socket.send_fds(k.ctl, [b"c"], [conn.fileno()])
+            except OSError:       # it just ended
+                self._retire(pid)
+                continue
+            k.idle_since = None
+            return True
+
+    # -- one client ---------------------------------------------------------------------------
+
     def _handle(self, conn: socket.socket) -> None:
-        """Check who is calling, then fork at once: the child talks to the client, so a slow or
-        stuck client never holds up the others."""
+        """Check who is calling, then hand it to a free kept run process, or fork at once: the
+        child talks to the client, so a slow or stuck client never holds up the others."""
         try:
             uid = peer_creds(conn)[1]
             if uid != os.getuid():
                 self.log(f"refused a connection from uid {uid}")
                 return
+            if self._hand_to_kept(conn):
+                return
+            ours, theirs = socket.socketpair() if self.program.keep_s > 0 else (None, None)
             pid = os.fork()
             if pid == 0:
                 code = EXIT_INTERNAL
                 try:
-                    code = self._child(conn)
+                    if ours is not None:
+                        ours.close()
+                    code = self._child(conn, theirs)
                 finally:
                     os._exit(code)
             self.children.add(pid)
+            if ours is not None and theirs is not None:
+                theirs.close()
+                self.kept[pid] = _Kept(ours, time.monotonic())
         except Exception as exc:   # one bad connection must never end the worker
             self.log(f"could not serve a connection: {exc}")
         finally:
             conn.close()
 
-    def _child(self, conn: socket.socket) -> int:
-        """In the fork: read the request; unless it is for other code, become the client's command."""
+    def _child(self, conn: socket.socket, ctl: socket.socket | None) -> int:
+        """In the fork: serve the client; then, while we hold kept connections and the worker
+        wants us, tell it we are free and serve the client it hands us next."""
         assert self._listener is not None
         self._listener.close()       # a worker restarted while we run must be able to listen and lock
         os.close(self._lock_fd)
+        for k in self.kept.values():  # the other run processes' sockets: they must see the worker alone
+            k.ctl.close()
+        self.kept.clear()
+        if self.program.keep_s > 0:
+            keep_in_this_process(self.program.keep_s)
+            # our log after the command: on its own descriptor, since fds 0-2 become each client's
+            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+                self.log_file = open(os.dup(self.log_file.fileno()), "w", encoding="utf-8",  # noqa: SIM115
+                                     errors="backslashreplace")
+        code, again = self._one_client(conn)
+        try:
+            while again and ctl is not None:
+                pool = process_pool()
+                setproctitle.setproctitle(f"cronium-fab (keeps {len(pool) if pool else 0} connection(s) for the "
+                                          f"next command; worker {os.getppid()})")
+                try:
+                    ctl.sendall(b"i")
+                    _, fds, _, _ = socket.recv_fds(ctl, 16, 1)
+                except OSError:
+                    break
+                if not fds:     # the worker retired us (idle too long, stopped, restarted)
+                    break
+                conn = socket.socket(fileno=fds[0])
+                code, again = self._one_client(conn)
+        finally:
+            pool = process_pool()
+            if pool is not None:
+                pool.close()
+            atexit._run_exitfuncs()
+        return code
+
+    def _one_client(self, conn: socket.socket) -> tuple[int, bool]:
+        """Read the request; unless it is for other code, become the client's command. Returns its
+        exit status and whether this process may serve another."""
+        try:
+            return self._request(conn)
+        finally:
+            conn.close()
+
+    def _request(self, conn: socket.socket) -> tuple[int, bool]:
+        kept = _holds_connections() > 0
         conn.settimeout(REQUEST_TIMEOUT)
         try:
             send_frame_line(conn, {"protocol": PROTOCOL, "ready": os.getpid()})
             doc, fds = receive_request(conn)
         except (OSError, ValueError) as exc:
             self.log(f"no command from a client (it gave up waiting, or sent a bad request): {exc}")
-            return 0
+            return 0, kept
         try:
             if doc.get("protocol") != PROTOCOL or doc.get("fingerprint") != self.fingerprint:
                 self.log("refused a command: the client runs other code than this worker (upgraded? "
@@ -255,7 +383,7 @@ class Worker:
                 send_frame_line(conn, {"fallback": f"the worker at {self.path} runs other code than this "
                                                           "command (after an upgrade it restarts itself within "
                                                           "seconds)"})
-                return 0
+                return 0, kept
             argv = [str(a) for a in doc["argv"]]
             command = next((a for a in argv[1:] if a in self.commands), "-")   # never arguments: they may be secret
             try:
@@ -269,9 +397,14 @@ class Worker:
                 go = False
             if not go:
                 self.log(f"run {os.getpid()}: {command}: the client gave up before the start; not run")
-                return 0
-            self.log(f"run {os.getpid()}: {command}")
-            return _run_command(conn, fds, doc, argv, command, self.program.main)
+                return 0, kept
+            self.log(f"run {os.getpid()}: {command}" + (" (on connections kept by this process)" if kept else ""))
+            code, again = _run_command(conn, fds, doc, argv, command, self.program.main,
+                                       keep=self.program.keep_s > 0)
+            if again:
+                self.log(f"process {os.getpid()} waits for the next command with {_holds_connections()} kept "
+                         f"connection(s) (its command: exit {code})")
+            return code, again
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -324,13 +457,21 @@ def _ensure_std_fds() -> None:
                 os.close(null)
 
 
+def _holds_connections() -> int:
+    pool = process_pool()
+    return len(pool) if pool is not None else 0
+
+
 def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv: list[str], command: str,
-                 main: Callable[[], None]) -> int:
+                 main: Callable[[], None], *, keep: bool = False) -> tuple[int, bool]:
     """Become the client's command: its stdio, directory, umask, environment and argv; run it;
-    report how it ended."""
+    report how it ended. Returns the exit status and whether this process may serve another
+    command (``keep``, it ended cleanly and holds kept connections): then the client's stdio,
+    directory and environment are already let go."""
     # In ps and pgrep -f: the command (never its arguments, which may carry input data).
     setproctitle.setproctitle(f"cronium-fab {command} (served by worker {os.getppid()})")
-    os.setsid()    # the worker's terminal signals are not ours; our client forwards its own
+    with contextlib.suppress(PermissionError):   # a kept run process already leads its own session
+        os.setsid()    # the worker's terminal signals are not ours; our client forwards its own
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
@@ -350,14 +491,17 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
     _reopen_stdio()
     finished = threading.Event()
     conn.settimeout(None)
-    threading.Thread(target=_watch_client, args=(conn, finished), name="client-watch", daemon=True).start()
+    watch = threading.Thread(target=_watch_client, args=(conn, finished), name="client-watch", daemon=True)
+    watch.start()
     code: int = EXIT_INTERNAL
     died_of: int | None = None
+    clean = False
     try:
         main()
-        code = 0
+        code, clean = 0, True
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        clean = code != EXIT_INTERNAL
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
     except KeyboardInterrupt:
@@ -368,17 +512,39 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
         code = 1                       # as Python exits on an uncaught exception
     finally:
         finished.set()
-    atexit._run_exitfuncs()
+    again = keep and clean and _holds_connections() > 0
+    if not again:
+        atexit._run_exitfuncs()        # as at a normal exit (it also stops Paramiko's threads)
     try:
         sys.stdout.flush()
     except (OSError, ValueError) as exc:   # e.g. the reader of our stdout is gone: as Python, exit 120
         print(f"Exception ignored flushing sys.stdout: {exc!r}", file=sys.stderr)
-        code = 120
+        code, again = 120, False
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
+    if again:
+        _let_go_of_the_caller()        # before the exit status: the caller's pipes close with its client
     with contextlib.suppress(OSError):
         send_frame_line(conn, {"signal": died_of} if died_of else {"exit": code})
-    return code
+    if again:
+        # wakes the watcher blocked on the socket (a close alone would not), so that it ends before
+        # the next client's socket can get the same descriptor number
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+        watch.join(5)
+        again = not watch.is_alive()
+    return code, again
+
+
+def _let_go_of_the_caller() -> None:
+    """What a run process keeps of its caller after the command, let go: stdio (so its pipes see
+    EOF), working directory (so it can be removed or unmounted), environment (it may hold secrets)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.chdir("/")
+    os.environ.clear()
 
 
 def _reopen_stdio() -> None:

@@ -35,8 +35,10 @@ What makes reuse safe:
   (each is one socket and one Paramiko thread here, one sshd session on its host), and
   ``close()`` (serve's stop) closes them all.
 
-A Paramiko transport does not survive a fork, so the fork-per-run ``cronium-fab worker`` cannot
-keep connections; only ``serve`` (one process, all its jobs in threads) uses this.
+Two kinds of process keep connections: ``serve`` (one process, all its jobs in threads) and a
+``cronium-fab worker``'s run process (``keep_in_this_process``). A Paramiko transport does not
+survive a fork, so the worker itself holds none: a fork that ran a command and holds kept
+connections stays, and the worker hands it the next command (docs/WORKER.md).
 """
 
 from __future__ import annotations
@@ -105,6 +107,23 @@ def hosts_at_once_for_fds(parallel: int) -> int:
     (past it, hosts would fail with "Too many open files")."""
     soft = open_files_limit()
     return parallel if soft is None else max(1, min(parallel, (soft - FDS_RESERVED) // FDS_PER_HOST))
+
+
+_this_process: ConnectionPool | None = None
+
+
+def keep_in_this_process(idle_s: float) -> ConnectionPool:
+    """From now on this process keeps connections between its commands (a worker's run process,
+    which serves one command after another): the pool ``process_pool`` returns."""
+    global _this_process
+    if _this_process is None:
+        _this_process = ConnectionPool(idle_s=idle_s, max_idle=max_idle_for_fds())
+    return _this_process
+
+
+def process_pool() -> ConnectionPool | None:
+    """The connections this process keeps between its commands, if it does (``keep_in_this_process``)."""
+    return _this_process
 
 
 def pool_key(target: HostTarget, settings: SSHSettings) -> str:

@@ -42,6 +42,19 @@ def trust(settings: Settings, host: DevHost, address: str | None = None, port: i
     KnownHostsStore(settings.known_hosts).replace(host_entry_name(address or host.address, port or host.port), key)
 
 
+# A script that prints the pid of its runner's parent: the sshd process of its SSH connection
+# (OpenSSH forks one per connection and runs every session's command as its child).
+CONN = "echo conn=$(cut -d' ' -f4 /proc/$PPID/stat)"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @dataclass
 class Fleet:
     db: Database

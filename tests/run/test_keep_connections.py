@@ -23,11 +23,10 @@ from cronium_fab.jobqueue import enqueue
 from cronium_fab.remote.known_hosts import KnownHostsStore, host_entry_name
 from cronium_fab.remote.pool import ConnectionPool
 from cronium_fab.testing.procs import session_processes, wait_until
-from tests.run.conftest import Fleet
+from tests.run.conftest import CONN, Fleet, alive
 
 pytestmark = pytest.mark.ssh
 
-CONN = "echo conn=$(cut -d' ' -f4 /proc/$PPID/stat)"
 ON_SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
@@ -35,14 +34,6 @@ def conn_pid(result: RunResult, i: int = 0) -> int:
     m = re.search(r"conn=(\d+)", result.hosts[i].stdout)
     assert m, result.hosts[i]
     return int(m.group(1))
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def run(fleet: Fleet, ev: int, pool: ConnectionPool | None, **kw: object) -> RunResult:

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from cronium_fab.db.models import Execution, UserVariable
 from cronium_fab.testing.procs import procs_with, wait_until
-from tests.run.conftest import ROOT, Fleet, assert_ctrl_c_cancels, start_long_run, wait_gone
+from tests.run.conftest import CONN, ROOT, Fleet, alive, assert_ctrl_c_cancels, start_long_run, wait_gone
 
 # One xdist worker runs every test that starts a `cronium-fab worker` (here and test_demo.py), one after
 # another: the upgrade test changes the code on disk (a file in site-packages), which makes every
@@ -380,3 +380,128 @@ def test_socket_in_a_shared_directory_is_refused_with_advice_that_is_safe(tmp_pa
     assert "writable by others" in out.stderr and "mkdir -m 700" in out.stderr
     assert "chmod" not in out.stderr.replace("mkdir -m 700", ""), "never advise changing a shared directory"
     assert list(shared.iterdir()) == [], "nothing left behind"
+
+
+# -- connections kept between the commands a worker serves ------------------------------------------
+
+
+
+def _hosts_of(out: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    assert out.returncode == 0, out.stderr
+    return sorted(json.loads(out.stdout)["hosts"], key=lambda h: str(h["name"]))
+
+
+def _conn_pids(hosts: list[dict[str, object]]) -> list[int]:
+    pids = [re.search(r"conn=(\d+)", str(h["stdout"])) for h in hosts]
+    assert all(pids), hosts
+    return [int(m.group(1)) for m in pids if m]
+
+
+def _run_pids(w: RunningWorker) -> list[int]:
+    return [int(line.split(": run ")[1].split(":")[0]) for line in w.served()]
+
+
+def test_the_next_command_runs_on_the_connections_a_served_run_kept(
+        fleet: Fleet, ssh_hosts, worker: RunningWorker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The second run of an event through the worker opens no SSH connection: the process that ran
+    the first one kept them and serves the second; the caller's pipes still close at the end of each
+    command (capture_output waits for EOF: a held pipe would time out)."""
+    hosts = ssh_hosts(2)
+    ev = fleet.event(hosts, CONN)
+    first = _hosts_of(worker.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))
+    assert [h["connection_reused"] for h in first] == [False, False]
+    assert wait_until(lambda: "waits for the next command with 2 kept connection(s)" in worker.log_text(), 10), \
+        worker.log_text()
+    second = _hosts_of(worker.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))
+    assert [h["connection_reused"] for h in second] == [True, True]
+    assert _conn_pids(second) == _conn_pids(first)      # read on the hosts: the same sshd connections
+    pids = _run_pids(worker)
+    assert len(pids) == 2 and pids[0] == pids[1], worker.log_text()
+    assert "(on connections kept by this process)" in worker.served()[1]
+    with fleet.db.session() as s:
+        assert sorted(e.status for e in s.scalars(select(Execution))) == ["completed"] * 4
+
+
+def test_a_kept_process_serves_each_caller_with_its_own_environment_and_directory(
+        fleet: Fleet, ssh_hosts, worker: RunningWorker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A command served by a process that ran another caller's command before sees its own
+    database, directory and variables, nothing of the earlier caller's."""
+    (host,) = ssh_hosts(1)
+    ev = fleet.event([host], CONN)
+    assert worker.client("run-event", "--id", str(ev), cwd=tmp_path).returncode == 0
+    assert wait_until(lambda: "waits for the next command" in worker.log_text(), 10), worker.log_text()
+    pid = _run_pids(worker)[0]
+    assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")            # it let go of the caller's directory
+
+    other = tmp_path / "other"
+    other.mkdir()
+    env = dict(worker.env, CRONIUM_DATABASE_URL=f"sqlite:///{other / 'other.db'}")
+    init = subprocess.run([CLIENT, "db-init"], env=env, cwd=other, capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    runs = subprocess.run([CLIENT, "runs", "--json"], env=env, cwd=other, capture_output=True, text=True, timeout=120)
+    assert runs.returncode == 0, runs.stderr
+    assert json.loads(runs.stdout)["runs"] == []                     # the other database, not the first caller's
+    assert _run_pids(worker)[1] == pid, worker.log_text()               # served by the same kept process
+    again = subprocess.run([CLIENT, "runs", "--json"], env=worker.env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert len(json.loads(again.stdout)["runs"]) == 1
+
+
+def test_kept_processes_end_after_their_idle_time_closing_their_connections(
+        fleet: Fleet, ssh_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (host,) = ssh_hosts(1)
+    ev = fleet.event([host], CONN)
+    w = start_worker(dict(fleet.env(), CRONIUM_FAB_KEEP_CONNECTIONS="1"), tmp_path)
+    try:
+        (h,) = _hosts_of(w.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))
+        (sshd,) = _conn_pids([h])
+        pid = _run_pids(w)[0]
+        assert wait_until(lambda: not alive(pid) and not alive(sshd), 15), w.log_text()
+        assert re.search(rf"run {pid} ended: exit 0", w.log_text()), w.log_text()
+        (h2,) = _hosts_of(w.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))
+        assert h2["connection_reused"] is False
+    finally:
+        stop_worker(w)
+
+
+def test_stopping_the_worker_ends_its_kept_processes_and_their_connections(
+        fleet: Fleet, ssh_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    hosts = ssh_hosts(2)
+    ev = fleet.event(hosts, CONN)
+    w = start_worker(fleet.env(), tmp_path)
+    try:
+        sshds = _conn_pids(_hosts_of(w.client("run-event", "--id", str(ev), "--json", cwd=tmp_path)))
+        assert wait_until(lambda: "waits for the next command" in w.log_text(), 10), w.log_text()
+        pid = _run_pids(w)[0]
+        assert alive(pid) and all(alive(p) for p in sshds)
+    finally:
+        stop_worker(w)
+    assert w.proc.returncode == 0
+    assert wait_until(lambda: not alive(pid) and not any(alive(p) for p in sshds), 15)
+
+
+def test_with_keeping_off_every_command_gets_its_own_fork_and_connections(
+        fleet: Fleet, ssh_hosts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (host,) = ssh_hosts(1)
+    ev = fleet.event([host], CONN)
+    w = start_worker(dict(fleet.env(), CRONIUM_FAB_KEEP_CONNECTIONS="0"), tmp_path)
+    try:
+        runs = [_hosts_of(w.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))[0] for _ in range(2)]
+        assert [h["connection_reused"] for h in runs] == [False, False]
+        assert _conn_pids(runs[:1]) != _conn_pids(runs[1:])
+        pids = _run_pids(w)
+        assert len(set(pids)) == 2 and "waits for the next command" not in w.log_text()
+    finally:
+        stop_worker(w)
+
+
+def test_a_cancelled_run_does_not_keep_its_process(fleet: Fleet, ssh_hosts, worker: RunningWorker,  # type: ignore[no-untyped-def]
+                                                   tmp_path: Path) -> None:
+    (host,) = ssh_hosts(1)
+    proc, marker = start_long_run(fleet, host, [CLIENT], worker.env, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 5
+    pid = _run_pids(worker)[0]
+    assert wait_until(lambda: not alive(pid), 15), worker.log_text()
+    assert "waits for the next command" not in worker.log_text()
