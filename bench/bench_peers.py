@@ -15,7 +15,10 @@ shared 2-core machine falls on all of them alike; compare ratios, not seconds ac
 - Ansible ad-hoc: ``ansible all -i inventory -m raw -a 'python3 -c pass'`` (forks = N, pipelining).
 - cronium-fab CLI: ``cronium-fab run-event --id N --quiet`` of a PYTHON event ``pass`` (BASH ``true``
   for the ``true`` work), without a worker (``CRONIUM_FAB_WORKER=off``) and served by a running
-  ``cronium-fab worker``; default settings (``--parallel`` 32), runner already cached on the hosts.
+  ``cronium-fab worker``; default settings, runner already cached on the hosts. Through the worker
+  twice: with its default, a run process that keeps the hosts' connections from the previous run
+  serves the next (docs/WORKER.md; the untimed warm-up run opened them), and with
+  ``CRONIUM_FAB_KEEP_CONNECTIONS=0`` (a fork and fresh connections every run: what a first run costs).
 - cronium-fab serve: the same event as a job of the queue (Cronium's path), run by a running
   ``cronium-fab serve`` with default settings, so with the hosts' connections kept from its previous
   run (``--keep-connections`` 300 s): wall from the enqueue to the job's end as seen by polling its
@@ -26,7 +29,7 @@ shared 2-core machine falls on all of them alike; compare ratios, not seconds ac
 Every tool checks host keys against the hosts' real keys (OpenSSH/Ansible: a known_hosts file with
 ``StrictHostKeyChecking=yes``; Fabric: the host's key in the client and a RejectPolicy; pyinfra:
 ``ssh_known_hosts_file`` + ``ssh_strict_host_key_checking``; cronium-fab: its strict store), and
-every tool but ``serve`` opens fresh connections every run (no ControlMaster).
+every tool but ``serve`` and the default worker opens fresh connections every run (no ControlMaster).
 
 ``--rtt MS`` puts a network round trip in front of every host, for every tool alike (a relay in its
 own process, ``bench/latency.py``: this kernel has no ``netem``); ``--parallel N`` sets our tools'
@@ -39,7 +42,7 @@ venv under the bench's temp dir, never into the project's venv (``--peers-venv D
 The hosts and the temp dir are removed on exit, on Ctrl-C and on SIGTERM.
 
 Also printed: the controller's CPU (user+sys of the tool's process tree, from ``wait4``; via the
-worker: the client plus the worker's reaped fork) per host, its peak RSS; the hosts' CPU per host
+worker: the client plus the worker's run processes, reaped or kept) per host, its peak RSS; the hosts' CPU per host
 (every sshd listener and all it reaped: sessions, shells, the runner, the script; read from
 /proc/PID/stat before and after each run) and the machine's total per host; and the runner's CPU per
 run on a target against a bare ``python3 -I -S -c pass`` and against the work alone as a shell runs
@@ -72,11 +75,13 @@ from cronium_fab.build import build_runner  # noqa: E402
 from cronium_fab.testing.hosts import DevHost, DevHostPool  # noqa: E402
 
 PEERS = ("fabric", "pyinfra", "ansible-core")
-TOOLS = ("ssh", "fabric", "pyinfra", "ansible", "cli", "worker", "serve")
+TOOLS = ("ssh", "fabric", "pyinfra", "ansible", "cli", "worker-fresh", "worker", "serve")
 HEADINGS = {"ssh": "OpenSSH parallel", "fabric": "Fabric ThreadingGroup", "pyinfra": "pyinfra exec",
-            "ansible": "Ansible ad-hoc", "cli": "cronium-fab CLI", "worker": "cronium-fab via worker",
+            "ansible": "Ansible ad-hoc", "cli": "cronium-fab CLI",
+            "worker-fresh": "cronium-fab via worker, fresh connections",
+            "worker": "cronium-fab via worker (default: kept connections)",
             "serve": "cronium-fab serve, kept connections"}
-OURS = ("cli", "worker", "serve")
+OURS = ("cli", "worker-fresh", "worker", "serve")
 WORKS = {  # work -> (shell command for the peers, cronium-fab event type, event content)
     "python": ("python3 -c pass", "PYTHON", "pass"),
     "true": ("true", "BASH", "true"),
@@ -154,6 +159,30 @@ def children_cpu(pid: int, own: bool = False) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = int(fields[13]) + int(fields[14]) + ((int(fields[11]) + int(fields[12])) if own else 0)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def worker_cpu(pid: int) -> float:
+    """CPU seconds of a worker's run processes: those it reaped, and those it keeps (a run process
+    that holds connections for the next command lives on). Waits (up to 5 s) until each live one
+    waits for a command or has ended, and reads again if one ended while it read."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(_kept_and_idle(k) for k in _children(pid)):
+        time.sleep(0.005)
+    while True:
+        kids = _children(pid)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[13]) + int(fields[14]) + sum(_all_cpu_ticks(k) for k in kids)
+        if _children(pid) == kids:
+            return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _kept_and_idle(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"for the next command" in f.read()
+    except OSError:
+        return True   # gone
 
 
 def _children(pid: int) -> list[int]:
@@ -557,6 +586,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cfab-peers-"))
     pool: DevHostPool | None = None
     worker: subprocess.Popen[bytes] | None = None
+    worker_fresh: subprocess.Popen[bytes] | None = None
     relay: subprocess.Popen[bytes] | None = None
     serving: list[subprocess.Popen[bytes]] = []
     reused: dict[tuple[int, str], list[int]] = {}
@@ -612,6 +642,10 @@ def main() -> None:
                 ours.env["CRONIUM_FAB_PARALLEL"] = str(args.parallel)
             if worker is None and "worker" in tools:
                 worker = start_worker(ours.env, tmp / "worker.log")
+            fresh_env = dict(ours.env, CRONIUM_FAB_WORKER_SOCKET=str(tmp / "wf.sock"))
+            if worker_fresh is None and "worker-fresh" in tools:
+                worker_fresh = start_worker(dict(fresh_env, CRONIUM_FAB_KEEP_CONNECTIONS="0"),
+                                            tmp / "worker-fresh.log")
             serve = start_serve(ours.env, sub / "serve.log") if "serve" in tools else None
             if serve is not None:
                 serving.append(serve)
@@ -641,7 +675,10 @@ def main() -> None:
                     argv, env=dict(env, CRONIUM_FAB_WORKER="off"), host_cpu=hc)
                 wpid = worker.pid if worker else 0
                 runs[("worker", w)] = lambda argv=argv, env=ours.env, wpid=wpid: run_measured(  # type: ignore[misc]
-                    argv, env=env, extra_cpu=lambda: children_cpu(wpid), host_cpu=hc)
+                    argv, env=env, extra_cpu=lambda: worker_cpu(wpid), host_cpu=hc)
+                fpid = worker_fresh.pid if worker_fresh else 0
+                runs[("worker-fresh", w)] = lambda argv=argv, env=fresh_env, fpid=fpid: run_measured(  # type: ignore[misc]
+                    argv, env=env, extra_cpu=lambda: children_cpu(fpid), host_cpu=hc)
                 if serve is not None:
                     kept = reused.setdefault((n, w), [])
                     runs[("serve", w)] = lambda ev=ev, url=ours.env["CRONIUM_DATABASE_URL"], spid=serve.pid, \
@@ -677,7 +714,7 @@ def main() -> None:
         print(f"\n# interrupted ({e or 'Ctrl-C'}): cleaning up", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        for proc in ([worker] if worker is not None else []) + ([relay] if relay is not None else []) + serving:
+        for proc in [p for p in (worker, worker_fresh) if p is not None] + ([relay] if relay is not None else []) + serving:
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -716,7 +753,7 @@ def print_tables(results: dict[tuple[int, str, str], Sample], sizes: list[int], 
     print("\n## Controller: CPU ms per host (user+sys of the tool's process tree / hosts; in brackets the")
     print("marginal cost of one more host against the smallest count) and peak RSS MB (the largest single")
     print("process of the tree; the worker's fork is not measured for RSS; serve: its peak since it started)\n")
-    rss_cols = [t for t in cols if t != "worker"]
+    rss_cols = [t for t in cols if not t.startswith("worker")]
     print("| hosts | work | " + " | ".join(f"{HEADINGS[t]} CPU" for t in cols) + " | "
           + " | ".join(f"{HEADINGS[t]} RSS" for t in rss_cols) + " |")
     print("|" + "---|" * (2 + len(cols) + len(rss_cols)))
