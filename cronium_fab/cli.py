@@ -27,7 +27,7 @@ from invoke.exceptions import ParseError
 
 from . import __version__
 from .errors import EXIT_FAILURE, EXIT_INTERNAL, EXIT_USAGE, CroniumFabError
-from .settings import Settings
+from .settings import Settings, keep_connections_from_env
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -695,7 +695,7 @@ def worker(c: Any, socket: str | None = None) -> None:
 
     program = ServedProgram(main=main, commands=frozenset(build_namespace().task_names), preload=WORKER_PRELOAD,
                             import_check=("cronium_fab.cli", "cronium_fab.worker"),
-                            keep_s=_settings().keep_connections)
+                            keep_s=keep_connections_from_env())
     code = serve(socket, program, fingerprint=startup_fingerprint())
     if code:
         raise Exit(code=code)

@@ -59,6 +59,14 @@ def _env_float(name: str, default: float) -> float:
         raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
 
 
+def keep_connections_from_env() -> float:
+    """``CRONIUM_FAB_KEEP_CONNECTIONS`` alone (the worker reads only this of the settings: every
+    command it serves reads all of them from its caller's environment)."""
+    keep = _env_float("CRONIUM_FAB_KEEP_CONNECTIONS", KEEP_CONNECTIONS)
+    Settings(keep_connections=keep).validate()   # the same rule and message as for a command
+    return keep
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(default_factory=default_database_url)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import gc
 import importlib
 import io
 import os
@@ -43,7 +44,7 @@ from typing import IO, Any
 
 import setproctitle
 
-from .errors import EXIT_INTERNAL, ConfigError
+from .errors import EXIT_CANCELLED, EXIT_INTERNAL, ConfigError
 from .paths import socket_path
 from .remote.pool import keep_in_this_process, process_pool
 from .signals import STOP_SIGNALS, catch_stop_signals, restore_signals
@@ -84,6 +85,7 @@ class _Kept:
     ctl: socket.socket
     born: float
     idle_since: float | None = None    # None: running a command
+    buf: bytes = b""
 
 
 class Worker:
@@ -99,8 +101,13 @@ class Worker:
         self.stopping = False
         self._lock_fd = -1
         self._listener: socket.socket | None = None
+        self._ctl: socket.socket | None = None   # in a run process: our end of the worker's control socket
 
     def log(self, message: str) -> None:
+        if self._ctl is not None:   # a run process that may be kept: the worker writes its log lines
+            with contextlib.suppress(OSError):
+                self._ctl.sendall(b"l " + message.replace("\n", " ").encode("utf-8", "backslashreplace") + b"\n")
+            return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         print(f"{stamp} cronium-fab worker[{os.getpid()}]: {message}", file=self.log_file, flush=True)
 
@@ -185,15 +192,20 @@ class Worker:
         watch, next_check = CodeWatch(self.fingerprint), time.monotonic() + CODE_CHECK_INTERVAL
         try:
             while not self.stopping:
-                ctls = {k.ctl: pid for pid, k in self.kept.items()}
+                # poll, not select: one socket per run process, and select stops at fd 1024
+                poller = select.poll()
+                poller.register(self._listener, select.POLLIN)
+                ctls = {k.ctl.fileno(): pid for pid, k in self.kept.items()}
+                for fd in ctls:
+                    poller.register(fd, select.POLLIN)
                 try:
-                    ready, _, _ = select.select([self._listener, *ctls], [], [], 0.5)
+                    events = poller.poll(500)
                 except InterruptedError:
-                    ready = []
-                for sock in ready:
-                    if sock in ctls:
-                        self._from_kept(ctls[sock])
-                ready = [sock for sock in ready if sock is self._listener]
+                    events = []
+                for fd, _ in events:
+                    if fd in ctls and ctls[fd] in self.kept:
+                        self._from_kept(ctls[fd])
+                ready = [e for e in events if e[0] == self._listener.fileno()]
                 self._retire_idle()
                 self._reap()
                 if time.monotonic() >= next_check:
@@ -250,16 +262,27 @@ class Worker:
     # -- run processes kept with their connections ----------------------------------------------
 
     def _from_kept(self, pid: int) -> None:
-        """A kept run process wrote: it is free for another command, or it ended (EOF)."""
+        """A run process wrote: a log line (``l TEXT``), that it is free for another command
+        (``i CONNECTIONS EXIT``), or it ended (EOF)."""
         k = self.kept[pid]
         try:
-            word = k.ctl.recv(64)
+            data = k.ctl.recv(65536)
         except OSError:
-            word = b""
-        if not word:
+            data = b""
+        if not data:
             self._retire(pid)
-        else:
-            k.idle_since = time.monotonic()
+            return
+        k.buf += data
+        while b"\n" in k.buf:
+            line, _, k.buf = k.buf.partition(b"\n")
+            word, _, rest = line.decode("utf-8", "backslashreplace").partition(" ")
+            if word == "l":
+                self.log(rest)
+            elif word == "i":
+                held, _, code = rest.partition(" ")
+                k.idle_since = time.monotonic()
+                self.log(f"process {pid} waits for the next command with {held} kept connection(s) "
+                         f"(its command: exit {code})")
 
     def _retire(self, pid: int) -> None:
         """Closing its control socket ends an idle run process (a busy one, after its command)."""
@@ -331,21 +354,20 @@ class Worker:
         for k in self.kept.values():  # the other run processes' sockets: they must see the worker alone
             k.ctl.close()
         self.kept.clear()
-        if self.program.keep_s > 0:
+        self._ctl = ctl     # our log lines go to the worker, which writes them (fd 2 becomes the client's)
+        if ctl is not None:
             keep_in_this_process(self.program.keep_s)
-            # our log after the command: on its own descriptor, since fds 0-2 become each client's
-            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-                self.log_file = open(os.dup(self.log_file.fileno()), "w", encoding="utf-8",  # noqa: SIM115
-                                     errors="backslashreplace")
-        code, again = self._one_client(conn)
+        code = EXIT_INTERNAL
         try:
+            code, again = self._one_client(conn)
             while again and ctl is not None:
-                pool = process_pool()
-                setproctitle.setproctitle(f"cronium-fab (keeps {len(pool) if pool else 0} connection(s) for the "
-                                          f"next command; worker {os.getppid()})")
+                held = _holds_connections()
+                setproctitle.setproctitle(f"cronium-fab (keeps {held} connection(s) for the next command; "
+                                          f"worker {os.getppid()})")
                 try:
-                    ctl.sendall(b"i")
-                    _, fds, _, _ = socket.recv_fds(ctl, 16, 1)
+                    ctl.sendall(f"i {held} {code}\n".encode())
+                    gc.collect()    # what the command left to the collector (database engines hold files, sockets)
+                    _, fds, _, _ = socket.recv_fds(ctl, 16, 1, socket.MSG_CMSG_CLOEXEC)
                 except OSError:
                     break
                 if not fds:     # the worker retired us (idle too long, stopped, restarted)
@@ -368,6 +390,9 @@ class Worker:
             conn.close()
 
     def _request(self, conn: socket.socket) -> tuple[int, bool]:
+        pool = process_pool()
+        if pool is not None:
+            pool.sweep()    # what expired while we waited (or ran a long command) goes now
         kept = _holds_connections() > 0
         conn.settimeout(REQUEST_TIMEOUT)
         try:
@@ -398,13 +423,10 @@ class Worker:
             if not go:
                 self.log(f"run {os.getpid()}: {command}: the client gave up before the start; not run")
                 return 0, kept
-            self.log(f"run {os.getpid()}: {command}" + (" (on connections kept by this process)" if kept else ""))
-            code, again = _run_command(conn, fds, doc, argv, command, self.program.main,
-                                       keep=self.program.keep_s > 0)
-            if again:
-                self.log(f"process {os.getpid()} waits for the next command with {_holds_connections()} kept "
-                         f"connection(s) (its command: exit {code})")
-            return code, again
+            held = _holds_connections()
+            self.log(f"run {os.getpid()}: {command}"
+                     + (f" (this process keeps {held} connection(s) from earlier commands)" if held else ""))
+            return _run_command(conn, fds, doc, argv, command, self.program.main, keep=self.program.keep_s > 0)
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -485,8 +507,7 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
         os.close(fd)
     fds.clear()
     os.umask(int(doc["umask"]))
-    os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in doc["env"].items()})
+    _take_environment({str(k): str(v) for k, v in doc["env"].items()})
     sys.argv = argv
     _reopen_stdio()
     finished = threading.Event()
@@ -501,7 +522,7 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
         code, clean = 0, True
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        clean = code != EXIT_INTERNAL
+        clean = code not in (EXIT_INTERNAL, EXIT_CANCELLED)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
     except KeyboardInterrupt:
@@ -520,8 +541,10 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
     except (OSError, ValueError) as exc:   # e.g. the reader of our stdout is gone: as Python, exit 120
         print(f"Exception ignored flushing sys.stdout: {exc!r}", file=sys.stderr)
         code, again = 120, False
-    with contextlib.suppress(OSError, ValueError):
+    try:
         sys.stderr.flush()
+    except (OSError, ValueError):
+        again = False                  # unwritten text must never reach the next caller's stderr
     if again:
         _let_go_of_the_caller()        # before the exit status: the caller's pipes close with its client
     with contextlib.suppress(OSError):
@@ -538,13 +561,33 @@ def _run_command(conn: socket.socket, fds: list[int], doc: dict[str, Any], argv:
 
 def _let_go_of_the_caller() -> None:
     """What a run process keeps of its caller after the command, let go: stdio (so its pipes see
-    EOF), working directory (so it can be removed or unmounted), environment (it may hold secrets)."""
+    EOF; sys.std* become /dev/null streams, so nothing buffered for this caller can reach the next)
+    and working directory (so it can be removed or unmounted). The environment stays until the
+    next command (``_take_environment``): this process holds that caller's connections anyway."""
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+    for name in ("stdin", "stdout", "stderr"):
+        with contextlib.suppress(OSError, ValueError):
+            getattr(sys, name).flush()   # to /dev/null now
+    sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115
+    sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    for name in ("stdin", "stdout", "stderr"):
+        setattr(sys, f"__{name}__", getattr(sys, name))
     os.chdir("/")
-    os.environ.clear()
+
+
+def _take_environment(env: dict[str, str]) -> None:
+    """``os.environ`` becomes ``env``, touching only what differs: in a kept run process other
+    threads (Paramiko's) run, and setenv beside a getenv elsewhere is not safe in C; the same
+    caller's same environment (Cronium calling again) changes nothing."""
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _reopen_stdio() -> None:

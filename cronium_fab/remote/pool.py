@@ -16,9 +16,9 @@ What makes reuse safe:
   policy, known_hosts files, timeouts), as an HMAC under a random per-process key (the index
   holds no digest of a password that could be tried offline; the connection objects themselves
   hold their credentials as long as they are open, as any open connection does). A server whose
-  credential changed in the database gets a new connection; the old one times out idle. (An
-  ssh-agent's keys are not part of the key: an agent key removed from the agent keeps working on
-  a kept connection until it closes.)
+  credential changed in the database gets a new connection; the old one times out idle. The
+  agent's socket (``SSH_AUTH_SOCK``) and ``HOME`` are part of the key, not the agent's keys: an
+  agent key removed from the agent keeps working on a kept connection until it closes.
 - **The host key is checked again** when a connection is taken: the key the server proved on
   that connection must still be recorded in known_hosts (an operator who removed or replaced it
   gets a fresh connection, which verifies as usual). A key accepted ``accept-once`` is never
@@ -139,8 +139,11 @@ def pool_key(target: HostTarget, settings: SSHSettings) -> str:
             files.append((f, None, None))
     entry = sorted(_ssh_config(settings).lookup(target.host).items()) if target.use_ssh_config else None
     h = hmac.new(_KEY_SECRET, digestmod=hashlib.sha256)
+    # the agent and HOME (whose ~/.ssh/id_* Paramiko may try) are part of what authenticated it:
+    # a worker's run process serves callers whose environments may differ
+    agent = (os.environ.get("SSH_AUTH_SOCK"), os.environ.get("HOME"))
     for part in (target.host, target.port, target.user, target.use_ssh_config, target.private_key,
-                 target.password, target.key_passphrase, files, entry, repr(settings)):
+                 target.password, target.key_passphrase, files, entry, repr(settings), agent):
         h.update(repr(part).encode("utf-8", "surrogateescape"))
         h.update(b"\0")
     return h.hexdigest()

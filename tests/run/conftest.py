@@ -48,11 +48,12 @@ CONN = "echo conn=$(cut -d' ' -f4 /proc/$PPID/stat)"
 
 
 def alive(pid: int) -> bool:
+    """A process that runs (a zombie waiting for its parent does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
 
 
 @dataclass

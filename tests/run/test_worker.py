@@ -46,7 +46,8 @@ class RunningWorker:
         return [line for line in self.log_text().splitlines() if ": run " in line and "ended" not in line]
 
     def client(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([CLIENT, *args], env=self.env, capture_output=True, text=True,  # type: ignore[call-overload, no-any-return]
+        kw.setdefault("env", self.env)
+        return subprocess.run([CLIENT, *args], capture_output=True, text=True,  # type: ignore[call-overload, no-any-return]
                               timeout=120, **kw)
 
 
@@ -397,6 +398,12 @@ def _conn_pids(hosts: list[dict[str, object]]) -> list[int]:
     return [int(m.group(1)) for m in pids if m]
 
 
+def _wait_kept(w: RunningWorker, n: int) -> None:
+    """Until the worker has been told n times that a run process is free for the next command (a
+    command that comes before that gets a new fork: one command at a time per process)."""
+    assert wait_until(lambda: w.log_text().count("waits for the next command") >= n, 10), w.log_text()
+
+
 def _run_pids(w: RunningWorker) -> list[int]:
     return [int(line.split(": run ")[1].split(":")[0]) for line in w.served()]
 
@@ -410,41 +417,46 @@ def test_the_next_command_runs_on_the_connections_a_served_run_kept(
     ev = fleet.event(hosts, CONN)
     first = _hosts_of(worker.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))
     assert [h["connection_reused"] for h in first] == [False, False]
-    assert wait_until(lambda: "waits for the next command with 2 kept connection(s)" in worker.log_text(), 10), \
-        worker.log_text()
+    _wait_kept(worker, 1)
+    assert "waits for the next command with 2 kept connection(s)" in worker.log_text()
     second = _hosts_of(worker.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))
     assert [h["connection_reused"] for h in second] == [True, True]
     assert _conn_pids(second) == _conn_pids(first)      # read on the hosts: the same sshd connections
     pids = _run_pids(worker)
     assert len(pids) == 2 and pids[0] == pids[1], worker.log_text()
-    assert "(on connections kept by this process)" in worker.served()[1]
+    assert "(this process keeps 2 connection(s) from earlier commands)" in worker.served()[1]
     with fleet.db.session() as s:
         assert sorted(e.status for e in s.scalars(select(Execution))) == ["completed"] * 4
 
 
 def test_a_kept_process_serves_each_caller_with_its_own_environment_and_directory(
         fleet: Fleet, ssh_hosts, worker: RunningWorker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A command served by a process that ran another caller's command before sees its own
-    database, directory and variables, nothing of the earlier caller's."""
-    (host,) = ssh_hosts(1)
-    ev = fleet.event([host], CONN)
-    assert worker.client("run-event", "--id", str(ev), cwd=tmp_path).returncode == 0
-    assert wait_until(lambda: "waits for the next command" in worker.log_text(), 10), worker.log_text()
+    """Commands served one after another by the same kept process each see their own caller's
+    environment (a variable only the first caller set is gone), directory and database."""
+    hosts = ssh_hosts(2)
+    ev = fleet.event(hosts, CONN)
+    first = worker.client("run-event", "--id", str(ev), cwd=tmp_path,
+                          env=dict(worker.env, CRONIUM_FAB_PARALLEL="1"))
+    assert first.returncode == 0, first.stderr
+    _wait_kept(worker, 1)
     pid = _run_pids(worker)[0]
     assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")            # it let go of the caller's directory
-
+    plan = worker.client("run-event", "--id", str(ev), "--plan", "--json", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["parallel"] == 2                   # not the first caller's 1
+    _wait_kept(worker, 2)
     other = tmp_path / "other"
     other.mkdir()
-    env = dict(worker.env, CRONIUM_DATABASE_URL=f"sqlite:///{other / 'other.db'}")
-    init = subprocess.run([CLIENT, "db-init"], env=env, cwd=other, capture_output=True, text=True, timeout=120)
-    assert init.returncode == 0, init.stderr
-    runs = subprocess.run([CLIENT, "runs", "--json"], env=env, cwd=other, capture_output=True, text=True, timeout=120)
-    assert runs.returncode == 0, runs.stderr
-    assert json.loads(runs.stdout)["runs"] == []                     # the other database, not the first caller's
-    assert _run_pids(worker)[1] == pid, worker.log_text()               # served by the same kept process
-    again = subprocess.run([CLIENT, "runs", "--json"], env=worker.env, cwd=tmp_path, capture_output=True,
-                           text=True, timeout=120)
+    env = dict(worker.env, CRONIUM_DATABASE_URL="sqlite:///other.db")   # relative: to the caller's directory
+    for n, argv in enumerate((["db-init"], ["runs", "--json"])):
+        out = subprocess.run([CLIENT, *argv], env=env, cwd=other, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        _wait_kept(worker, 3 + n)
+    assert json.loads(out.stdout)["runs"] == []                       # that database, not the first caller's
+    assert (other / "other.db").is_file()
+    again = worker.client("runs", "--json", cwd=tmp_path)
     assert len(json.loads(again.stdout)["runs"]) == 1
+    assert _run_pids(worker) == [pid] * 5, worker.log_text()          # every one served by the kept process
 
 
 def test_kept_processes_end_after_their_idle_time_closing_their_connections(
@@ -456,8 +468,8 @@ def test_kept_processes_end_after_their_idle_time_closing_their_connections(
         (h,) = _hosts_of(w.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))
         (sshd,) = _conn_pids([h])
         pid = _run_pids(w)[0]
-        assert wait_until(lambda: not alive(pid) and not alive(sshd), 15), w.log_text()
-        assert re.search(rf"run {pid} ended: exit 0", w.log_text()), w.log_text()
+        assert wait_until(lambda: f"run {pid} ended: exit 0" in w.log_text() and not alive(sshd), 15), w.log_text()
+        assert not alive(pid)
         (h2,) = _hosts_of(w.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))
         assert h2["connection_reused"] is False
     finally:
@@ -471,7 +483,7 @@ def test_stopping_the_worker_ends_its_kept_processes_and_their_connections(
     w = start_worker(fleet.env(), tmp_path)
     try:
         sshds = _conn_pids(_hosts_of(w.client("run-event", "--id", str(ev), "--json", cwd=tmp_path)))
-        assert wait_until(lambda: "waits for the next command" in w.log_text(), 10), w.log_text()
+        _wait_kept(w, 1)
         pid = _run_pids(w)[0]
         assert alive(pid) and all(alive(p) for p in sshds)
     finally:
@@ -485,6 +497,7 @@ def test_with_keeping_off_every_command_gets_its_own_fork_and_connections(
     (host,) = ssh_hosts(1)
     ev = fleet.event([host], CONN)
     w = start_worker(dict(fleet.env(), CRONIUM_FAB_KEEP_CONNECTIONS="0"), tmp_path)
+    w.env = fleet.env() | {"CRONIUM_FAB_WORKER_SOCKET": w.env["CRONIUM_FAB_WORKER_SOCKET"]}  # its callers keep
     try:
         runs = [_hosts_of(w.client("run-event", "--id", str(ev), "--json", cwd=tmp_path))[0] for _ in range(2)]
         assert [h["connection_reused"] for h in runs] == [False, False]
@@ -495,13 +508,18 @@ def test_with_keeping_off_every_command_gets_its_own_fork_and_connections(
         stop_worker(w)
 
 
-def test_a_cancelled_run_does_not_keep_its_process(fleet: Fleet, ssh_hosts, worker: RunningWorker,  # type: ignore[no-untyped-def]
-                                                   tmp_path: Path) -> None:
+def test_a_cancelled_run_ends_the_kept_process_that_served_it(fleet: Fleet, ssh_hosts, worker: RunningWorker,  # type: ignore[no-untyped-def]
+                                                               tmp_path: Path) -> None:
     (host,) = ssh_hosts(1)
+    ev = fleet.event([host], CONN)
+    assert worker.client("run-event", "--id", str(ev), cwd=tmp_path).returncode == 0
+    _wait_kept(worker, 1)
     proc, marker = start_long_run(fleet, host, [CLIENT], worker.env, tmp_path)
+    pids = _run_pids(worker)
+    assert len(pids) == 2 and pids[0] == pids[1], worker.log_text()   # the kept process took it
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 5
-    pid = _run_pids(worker)[0]
-    assert wait_until(lambda: not alive(pid), 15), worker.log_text()
-    assert "waits for the next command" not in worker.log_text()
+    assert wait_until(lambda: not alive(pids[0]), 15), worker.log_text()
+    assert worker.log_text().count("waits for the next command") == 1
+    assert wait_gone(marker) == []
