@@ -155,10 +155,14 @@ def children_cpu(pid: int, own: bool = False) -> float:
         except OSError:
             break
         time.sleep(0.005)
+    return _reaped_ticks(pid, own) / os.sysconf("SC_CLK_TCK")
+
+
+def _reaped_ticks(pid: int, own: bool = False) -> int:
+    """cutime + cstime of ``pid`` (with ``own``, its utime + stime too)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[13]) + int(fields[14]) + ((int(fields[11]) + int(fields[12])) if own else 0)
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return int(fields[13]) + int(fields[14]) + ((int(fields[11]) + int(fields[12])) if own else 0)
 
 
 def worker_cpu(pid: int) -> float:
@@ -170,9 +174,7 @@ def worker_cpu(pid: int) -> float:
         time.sleep(0.005)
     while True:
         kids = _children(pid)
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks = int(fields[13]) + int(fields[14]) + sum(_all_cpu_ticks(k) for k in kids)
+        ticks = _reaped_ticks(pid) + sum(_all_cpu_ticks(k) for k in kids)
         if _children(pid) == kids:
             return ticks / os.sysconf("SC_CLK_TCK")
 

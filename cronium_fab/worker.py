@@ -290,9 +290,13 @@ class Worker:
         if k is not None:
             k.ctl.close()
 
+    def _idle(self) -> list[tuple[float, int]]:
+        """(idle since, pid) of the run processes waiting for a command, the longest waiting first."""
+        return sorted((k.idle_since, pid) for pid, k in self.kept.items() if k.idle_since is not None)
+
     def _retire_idle(self) -> None:
         now = time.monotonic()
-        idle = sorted((k.idle_since, pid) for pid, k in self.kept.items() if k.idle_since is not None)
+        idle = self._idle()
         for n, (since, pid) in enumerate(idle):
             if (now - since > self.program.keep_s or now - self.kept[pid].born > KEPT_MAX_AGE
                     or n < len(idle) - KEPT_IDLE_MAX):
@@ -301,10 +305,10 @@ class Worker:
     def _hand_to_kept(self, conn: socket.socket) -> bool:
         """Give the client to the run process that became free last, if any is."""
         while True:
-            idle = [(k.idle_since, pid) for pid, k in self.kept.items() if k.idle_since is not None]
+            idle = self._idle()
             if not idle:
                 return False
-            pid = max(idle)[1]
+            pid = idle[-1][1]
             k = self.kept[pid]
             try:
                 socket.send_fds(k.ctl, [b"c"], [conn.fileno()])
@@ -393,7 +397,8 @@ class Worker:
         pool = process_pool()
         if pool is not None:
             pool.sweep()    # what expired while we waited (or ran a long command) goes now
-        kept = _holds_connections() > 0
+        held = _holds_connections()
+        kept = held > 0
         conn.settimeout(REQUEST_TIMEOUT)
         try:
             send_frame_line(conn, {"protocol": PROTOCOL, "ready": os.getpid()})
@@ -423,7 +428,6 @@ class Worker:
             if not go:
                 self.log(f"run {os.getpid()}: {command}: the client gave up before the start; not run")
                 return 0, kept
-            held = _holds_connections()
             self.log(f"run {os.getpid()}: {command}"
                      + (f" (this process keeps {held} connection(s) from earlier commands)" if held else ""))
             return _run_command(conn, fds, doc, argv, command, self.program.main, keep=self.program.keep_s > 0)
